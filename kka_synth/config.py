@@ -1,0 +1,229 @@
+"""Run configuration: one dataclass per stage, gathered in :class:`RunConfig`, loaded from YAML.
+
+Fields carry help text and are checked in ``__post_init__``; a bad value raises :class:`ConfigError` with one
+line naming the field. TRL's ``DPOConfig`` and PEFT's ``LoraConfig`` are not wrapped: ``dpo`` and ``lora`` hold
+their keyword arguments and are handed to them unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DATASETS = ("demo", "mvtec_ad", "mvtec_loco", "visa", "folder")
+PROFILES = ("offline", "hub")
+MODES = ("add", "rep")
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message is one line naming the field."""
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _help("Dataset layout: " + ", ".join(DATASETS) + ".", default="demo")
+    root: str | None = _help("Dataset root folder (not needed for demo).", default=None)
+    categories: list[str] = _help("Categories to use; empty means all.", default_factory=list)
+    image_size: int = _help("Side in pixels that images are resized to for the loop.", default=128)
+    holdout: float = _help("Share of train/good held out to calibrate the hard rule and the filters.",
+                           default=0.25)
+
+    def __post_init__(self) -> None:
+        _check(self.dataset in DATASETS, f"data.dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
+        _check(self.dataset == "demo" or self.root is not None,
+               f"data.root is required for dataset {self.dataset!r} (pass --data-root)")
+        _check(16 <= self.image_size <= 4096, f"data.image_size must be in [16, 4096], got {self.image_size}")
+        _check(0.05 <= self.holdout <= 0.5, f"data.holdout must be in [0.05, 0.5], got {self.holdout}")
+
+
+@dataclass
+class ProposerConfig:
+    backend: str = _help("Proposer backend: compact (offline) or transformers (hub).", default="compact")
+    model: str | None = _help("Hub id or local path of the model; None builds the compact LM.", default=None)
+    temperature: float = _help("Sampling temperature.", default=1.0)
+    top_p: float = _help("Nucleus sampling mass.", default=1.0)
+    max_new_tokens: int = _help("Longest completion in tokens.", default=64)
+    batch_size: int = _help("Completions sampled per generate call.", default=64)
+    constrained: bool = _help("Constrain sampling to the spec's JSON grammar.", default=True)
+    pretrain_steps: int = _help("Pretraining steps of the compact LM on the knowledge corpus.", default=300)
+
+    def __post_init__(self) -> None:
+        _check(self.backend in ("compact", "transformers"),
+               f"proposer.backend must be compact or transformers, got {self.backend!r}")
+        _check(0.0 < self.temperature <= 5.0, f"proposer.temperature must be in (0, 5], got {self.temperature}")
+        _check(0.0 < self.top_p <= 1.0, f"proposer.top_p must be in (0, 1], got {self.top_p}")
+        _check(self.max_new_tokens > 0, "proposer.max_new_tokens must be positive")
+        _check(self.batch_size > 0, "proposer.batch_size must be positive")
+        _check(self.pretrain_steps >= 0, "proposer.pretrain_steps must be >= 0")
+
+
+@dataclass
+class RenderConfig:
+    renderers: list[str] = _help("Renderers, in order of preference.", default_factory=lambda: ["procedural"])
+
+    def __post_init__(self) -> None:
+        _check(len(self.renderers) > 0, "render.renderers must name at least one renderer")
+
+
+@dataclass
+class FilterConfig:
+    match_band: bool = _help("Reject renders outside the keypoint match-count band.", default=True)
+    band_quantiles: tuple[float, float] = _help(
+        "Band edges as quantiles of calibration scores (see synth.filters).", default=(0.02, 0.98))
+    locality: bool = _help("Reject renders that change pixels outside their mask.", default=True)
+    locality_min_inside: float = _help("Least share of the change that must lie inside the mask.",
+                                       default=0.9)
+
+    def __post_init__(self) -> None:
+        low, high = self.band_quantiles
+        _check(0.0 <= low < high <= 1.0, f"filters.band_quantiles must satisfy 0 <= low < high <= 1, got {low, high}")
+        _check(0.0 < self.locality_min_inside <= 1.0, "filters.locality_min_inside must be in (0, 1]")
+
+
+@dataclass
+class EvaluatorConfig:
+    name: str = _help("Confusion evaluator: deepsad-cnn.", default="deepsad-cnn")
+    eta: float = _help("Weight of the labelled-anomaly term of Deep SAD.", default=1.0)
+    pretrain_epochs: int = _help("Autoencoder pretraining epochs.", default=10)
+    epochs: int = _help("Deep SAD training epochs.", default=20)
+    folds: int = _help("Cross-fitting folds: no candidate is scored by a model that saw it.", default=2)
+    hard_quantile: float = _help("A kept candidate is hard when it scores below this quantile of held-out "
+                                 "normal scores.", default=0.95)
+
+    def __post_init__(self) -> None:
+        _check(self.name in ("deepsad-cnn",), f"evaluator.name must be deepsad-cnn, got {self.name!r}")
+        _check(self.eta > 0, "evaluator.eta must be positive")
+        _check(self.folds >= 2, "evaluator.folds must be >= 2")
+        _check(0.5 <= self.hard_quantile < 1.0, "evaluator.hard_quantile must be in [0.5, 1)")
+
+
+def _default_dpo() -> dict[str, Any]:
+    return {
+        "learning_rate": 5e-4,
+        "beta": 0.1,
+        "num_train_epochs": 4,
+        "per_device_train_batch_size": 16,
+        "loss_type": ["sigmoid", "sft"],
+        "loss_weights": [1.0, 1.0],
+    }
+
+
+def _default_lora() -> dict[str, Any]:
+    return {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
+
+
+@dataclass
+class AlignmentConfig:
+    enabled: bool = _help("Run DPO after each iteration (off gives the no-DPO control).", default=True)
+    pairs_per_prompt: int = _help("Hardest x easiest pairs taken per prompt.", default=16)
+    max_pairs: int = _help("Cap on preference pairs per round.", default=128)
+    dpo: dict[str, Any] = _help("Keyword arguments for trl.DPOConfig.", default_factory=_default_dpo)
+    lora: dict[str, Any] = _help("Keyword arguments for peft.LoraConfig.", default_factory=_default_lora)
+
+    def __post_init__(self) -> None:
+        _check(self.pairs_per_prompt > 0, "alignment.pairs_per_prompt must be positive")
+        _check(self.max_pairs > 0, "alignment.max_pairs must be positive")
+
+
+@dataclass
+class RunConfig:
+    name: str = _help("Run name; the run directory is OUT/NAME.", default="demo")
+    out: str = _help("Folder that holds run directories.", default="runs")
+    profile: str = _help("offline (CPU, no downloads) or hub (pretrained weights).", default="offline")
+    iterations: int = _help("KKA iterations.", default=3)
+    proposals_per_iteration: int = _help("Proposals sampled per category per iteration.", default=64)
+    mode: str = _help("Curation: add = union of hard sets, rep = the latest hard set (KKA).", default="add")
+    seed: int = _help("Seed of every random choice in the run.", default=0)
+    data: DataConfig = field(default_factory=DataConfig)
+    proposer: ProposerConfig = field(default_factory=ProposerConfig)
+    render: RenderConfig = field(default_factory=RenderConfig)
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
+    alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.profile in PROFILES, f"profile must be one of {', '.join(PROFILES)}, got {self.profile!r}")
+        _check(self.mode in MODES, f"mode must be add or rep, got {self.mode!r}")
+        _check(1 <= self.iterations <= 100, f"iterations must be in [1, 100], got {self.iterations}")
+        _check(self.proposals_per_iteration >= 2,
+               f"proposals_per_iteration must be >= 2, got {self.proposals_per_iteration}")
+        _check(bool(self.name) and "/" not in self.name and self.name not in (".", ".."),
+               f"name must be a plain folder name, got {self.name!r}")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        return _build(cls, data, "")
+
+    def to_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> RunConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of config fields")
+        return cls.from_dict(data)
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    """Build a config dataclass from a plain dict, refusing unknown keys and recursing into sections."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config field {prefix}{unknown[0]} (known: {', '.join(fields)})")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        default = fields[name].default_factory if fields[name].default_factory is not dataclasses.MISSING else None
+        sample = default() if default is not None else None
+        if dataclasses.is_dataclass(sample):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config field {prefix}{name} must be a mapping")
+            kwargs[name] = _build(type(sample), value, f"{prefix}{name}.")
+        elif isinstance(sample, dict) and isinstance(value, dict):
+            kwargs[name] = {**sample, **value}
+        elif name == "band_quantiles" and isinstance(value, list):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as error:
+        raise ConfigError(f"bad config section {prefix or 'run'}: {error}") from None
+
+
+def profile_defaults(profile: str) -> dict[str, Any]:
+    """Field overrides a profile brings, applied before the config file and the CLI flags."""
+    if profile == "offline":
+        return {}
+    if profile == "hub":
+        return {
+            "data": {"image_size": 512},
+            "proposer": {"backend": "transformers", "model": "Qwen/Qwen2.5-1.5B-Instruct", "constrained": False},
+        }
+    raise ConfigError(f"profile must be one of {', '.join(PROFILES)}, got {profile!r}")

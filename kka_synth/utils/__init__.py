@@ -1,0 +1,1 @@
+"""Small shared pieces: optional-import checks and the cache folder."""
