@@ -1,0 +1,31 @@
+"""Detectors trained on normal images plus synthetic anomalies and evaluated on a real test split.
+
+Every detector follows one interface; ``DETECTORS`` maps CLI names to classes (one plain dict, no plugin
+machinery). Each detector lives in its own folder (``model.py`` holds the nn.Modules, ``train.py`` the loop).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from kka_synth.types import DetectorOutput
+
+
+class Detector(Protocol):
+    def fit(self, normal: list[np.ndarray], synthetic: list[tuple[np.ndarray, np.ndarray]] | None = None) -> None:
+        """Train on normal RGB images and optional (image, mask) synthetic anomalies."""
+
+    def predict(self, images: list[np.ndarray]) -> DetectorOutput:
+        """Score RGB images: one score per image and one map per image at the input size."""
+
+    def save(self, path: Path) -> None: ...
+
+    @classmethod
+    def load(cls, path: Path) -> Detector: ...
+
+
+DETECTORS: dict[str, type] = {}
+"""CLI name -> detector class; the bundled detectors register here as they are added."""
