@@ -1,0 +1,393 @@
+"""Patch-level Deep SAD: the offline confusion evaluator.
+
+Implements Deep SAD from Ruff et al., "Deep Semi-Supervised Anomaly Detection" (ICLR 2020), on a small
+fully convolutional CNN trained from scratch. The encoder maps an image to a grid of patch embeddings and
+has no bias terms (a bias lets the network map everything onto the centre, the trivial solution the paper
+rules out). Training follows the paper:
+
+1. Autoencoder pretraining on normal images; the decoder mirrors the encoder, the loss is pixel MSE.
+2. The centre ``c`` is the mean patch embedding of the normal images under the pretrained encoder; any
+   coordinate closer to zero than ``eps`` is pushed to ``+-eps`` (the paper's fix against a trivial ``c``).
+3. Deep SAD training: normal patches minimise ``||phi(x) - c||^2``; labelled-anomaly patches minimise
+   ``eta * (||phi(x) - c||^2 + eps)^-1``, which pushes them away from ``c``. An anomaly's labelled patches are
+   the grid cells its mask covers (the ring of cells around them is ignored, since their receptive field
+   sees the defect); an anomaly without a mask labels its ``top_k`` farthest patches, and one with an empty
+   mask takes no part in training.
+
+An image's anomaly score is the mean of its ``top_k`` largest per-patch squared distances to ``c``. Scoring
+patches rather than whole images keeps the model from memorising the few training normals, so a subtle
+local defect is not drowned by the rest of the image.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from kka_synth.config import EvaluatorConfig
+
+logger = logging.getLogger(__name__)
+
+CENTER_EPS = 0.1
+"""Coordinates of ``c`` closer to zero than this are moved to ``+-CENTER_EPS`` (Ruff et al.)."""
+
+LOSS_EPS = 1e-6
+"""Added to distances inside the inverse term of the labelled-anomaly loss."""
+
+_NORMAL, _ANOMALY, _IGNORE, _UNMASKED = 0, 1, -1, 2
+"""Patch labels: pull to ``c``, push away, leave out, and "anomaly without a mask" (top-k chosen per step)."""
+
+
+class EvaluatorInputError(ValueError):
+    """Images or masks handed to the evaluator have the wrong type or shape; the message names the field."""
+
+
+def check_images(images: Sequence[np.ndarray], name: str) -> None:
+    for index, image in enumerate(images):
+        if (
+            not isinstance(image, np.ndarray)
+            or image.dtype != np.uint8
+            or image.ndim != 3
+            or image.shape[2] != 3
+        ):
+            shape = getattr(image, "shape", None)
+            dtype = getattr(image, "dtype", type(image).__name__)
+            raise EvaluatorInputError(
+                f"{name}[{index}] must be an RGB uint8 array (H, W, 3), got shape {shape} dtype {dtype}"
+            )
+
+
+def _conv(cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False)
+
+
+def _norm(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=1e-4, affine=False)  # no affine: no bias terms anywhere
+
+
+class PatchEncoder(nn.Module):
+    """(B, 3, S, S) -> (B, D, S/4, S/4): one bias-free embedding per 4x4 cell (receptive field 21 px)."""
+
+    def __init__(self, channels: tuple[int, int, int]):
+        super().__init__()
+        c1, c2, dim = channels
+        self.layers = nn.Sequential(
+            _conv(3, c1, 5, stride=2), _norm(c1), nn.LeakyReLU(0.1),  # (B, c1, S/2, S/2)
+            _conv(c1, c2, 5, stride=2), _norm(c2), nn.LeakyReLU(0.1),  # (B, c2, S/4, S/4)
+            _conv(c2, dim, 3),  # (B, D, S/4, S/4)
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class PatchDecoder(nn.Module):
+    """(B, D, S/4, S/4) -> (B, 3, S, S): mirrors :class:`PatchEncoder` for autoencoder pretraining."""
+
+    def __init__(self, channels: tuple[int, int, int]):
+        super().__init__()
+        c1, c2, dim = channels
+        self.layers = nn.Sequential(
+            nn.LeakyReLU(0.1),
+            nn.ConvTranspose2d(dim, c2, 4, stride=2, padding=1, bias=False), _norm(c2), nn.LeakyReLU(0.1),
+            nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1, bias=False), _norm(c1), nn.LeakyReLU(0.1),
+            _conv(c1, 3, 3),  # (B, 3, S, S)
+        )  # fmt: skip
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.layers(z)
+
+
+def _init_weights(module: nn.Module, generator: torch.Generator) -> None:
+    for layer in module.modules():
+        if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+
+
+class DeepSADEvaluator:
+    """Deep SAD on a patch grid: ``fit(normal, anomalies)``, then ``score(images)`` (higher = more anomalous).
+
+    Images are lists of RGB uint8 (H, W, 3) arrays of any size; they are resized to ``size`` x ``size``.
+    Training is deterministic for a given ``seed`` on CPU (a private torch generator initialises the
+    weights and a numpy generator orders batches and draws flips; no global random state is touched).
+    """
+
+    def __init__(
+        self,
+        config: EvaluatorConfig | None = None,
+        *,
+        seed: int = 0,
+        size: int = 64,
+        channels: tuple[int, int, int] = (16, 32, 32),
+        top_k: int = 4,
+        batch_size: int = 16,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-6,
+    ):
+        if size % 4 != 0 or size < 16:
+            raise ValueError(f"size must be a multiple of 4 and >= 16, got {size}")
+        if not 1 <= top_k <= (size // 4) ** 2:
+            raise ValueError(f"top_k must be in [1, {(size // 4) ** 2}] for size {size}, got {top_k}")
+        self.config = config or EvaluatorConfig()
+        self.seed, self.size, self.channels, self.top_k = seed, size, tuple(channels), top_k
+        self.batch_size, self.lr, self.weight_decay = batch_size, lr, weight_decay
+        generator = torch.Generator().manual_seed(seed)
+        self.encoder = PatchEncoder(self.channels)
+        self.decoder = PatchDecoder(self.channels)
+        _init_weights(self.encoder, generator)
+        _init_weights(self.decoder, generator)
+        self.center: torch.Tensor | None = None  # (D,)
+        self.mean = torch.zeros(3)  # (3,) per-channel mean of the normals, in [0, 1] units
+        self.std = torch.ones(3)  # (3,)
+        self.pretrained = False
+        self.history: dict[str, list[float]] = {"pretrain_loss": [], "train_loss": []}
+        self._rng = np.random.default_rng(seed)
+
+    @property
+    def grid(self) -> int:
+        """Side of the patch grid."""
+        return self.size // 4
+
+    # ----------------------------------------------------------------------------------------------- data
+    def _pixels(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """List of (H, W, 3) uint8 -> (N, 3, S, S) float32 in [0, 1]."""
+        resized = [
+            cv2.resize(image, (self.size, self.size), interpolation=cv2.INTER_AREA) for image in images
+        ]
+        array = np.stack(resized).astype(np.float32) / 255.0  # (N, S, S, 3)
+        return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+
+    def _inputs(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """(N, 3, S, S) standardised with the normals' channel statistics."""
+        return (self._pixels(images) - self.mean[:, None, None]) / self.std[:, None, None]
+
+    def _patch_labels(
+        self, anomalies: Sequence[np.ndarray], masks: Sequence[np.ndarray | None]
+    ) -> np.ndarray:
+        """(M, G, G) int8 labels of the anomalies' patches from their masks."""
+        labels = np.full((len(anomalies), self.grid, self.grid), _UNMASKED, dtype=np.int8)
+        ring = np.ones((3, 3), np.uint8)
+        for index, (image, mask) in enumerate(zip(anomalies, masks, strict=True)):
+            if mask is None:
+                continue
+            mask = np.asarray(mask)
+            if mask.shape != image.shape[:2]:
+                raise EvaluatorInputError(
+                    f"anomaly_masks[{index}] has shape {mask.shape}, expected its image's {image.shape[:2]}"
+                )
+            coverage = cv2.resize(
+                (mask != 0).astype(np.float32), (self.grid, self.grid), interpolation=cv2.INTER_AREA
+            )  # (G, G) share of each cell covered
+            covered = (coverage > 0).astype(np.uint8)
+            if not covered.any():
+                labels[index] = _IGNORE  # an empty mask marks no defect: nothing to push, nothing to pull
+                continue
+            near = cv2.dilate(covered, ring).astype(bool)
+            labels[index] = np.where(covered.astype(bool), _ANOMALY, np.where(near, _IGNORE, _NORMAL))
+        return labels
+
+    def _batches(self, count: int) -> list[np.ndarray]:
+        order = self._rng.permutation(count)
+        return [order[start : start + self.batch_size] for start in range(0, count, self.batch_size)]
+
+    def _flip(
+        self, x: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Random horizontal and vertical flips per sample of x (B, 3, S, S) and labels (B, G, G)."""
+        flips = torch.from_numpy(self._rng.random((2, x.shape[0])) < 0.5)  # (2, B)
+        for dim, flip in zip((-1, -2), flips, strict=True):
+            x = torch.where(flip[:, None, None, None], x.flip(dim), x)
+            if labels is not None:
+                labels = torch.where(flip[:, None, None], labels.flip(dim), labels)
+        return x, labels
+
+    # ------------------------------------------------------------------------------------------- training
+    def pretrain(self, normal: Sequence[np.ndarray]) -> DeepSADEvaluator:
+        """Autoencoder pretraining on ``normal`` for ``config.pretrain_epochs`` epochs; sets normalisation."""
+        check_images(normal, "normal")
+        if len(normal) < 2:
+            raise EvaluatorInputError(f"normal must hold at least 2 images, got {len(normal)}")
+        pixels = self._pixels(normal)  # (N, 3, S, S)
+        self.mean = pixels.mean(dim=(0, 2, 3))
+        self.std = pixels.std(dim=(0, 2, 3)).clamp_min(1e-3)
+        x_all = (pixels - self.mean[:, None, None]) / self.std[:, None, None]
+        params = [*self.encoder.parameters(), *self.decoder.parameters()]
+        optimizer = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        self.encoder.train()
+        self.decoder.train()
+        for epoch in range(self.config.pretrain_epochs):
+            total = 0.0
+            for batch in self._batches(len(x_all)):
+                x, _ = self._flip(x_all[torch.from_numpy(batch)])  # (B, 3, S, S)
+                loss = ((self.decoder(self.encoder(x)) - x) ** 2).mean()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                total += loss.item() * len(batch)
+            self.history["pretrain_loss"].append(total / len(x_all))
+            logger.debug("autoencoder epoch %d: mse %.4f", epoch, self.history["pretrain_loss"][-1])
+        self.pretrained = True
+        return self
+
+    @torch.no_grad()
+    def _init_center(self, x_normal: torch.Tensor) -> torch.Tensor:
+        """(D,) mean patch embedding of the normals, with near-zero coordinates moved to +-CENTER_EPS."""
+        self.encoder.eval()
+        z = torch.cat(
+            [self.encoder(x_normal[i : i + 64]) for i in range(0, len(x_normal), 64)]
+        )  # (N, D, G, G)
+        center = z.mean(dim=(0, 2, 3))
+        small = center.abs() < CENTER_EPS
+        center[small & (center < 0)] = -CENTER_EPS
+        center[small & (center >= 0)] = CENTER_EPS
+        return center
+
+    def fit(
+        self,
+        normal: Sequence[np.ndarray],
+        anomalies: Sequence[np.ndarray] | None = None,
+        anomaly_masks: Sequence[np.ndarray | None] | None = None,
+    ) -> DeepSADEvaluator:
+        """Train on ``normal`` images and labelled ``anomalies`` (optional bool (H, W) mask per anomaly).
+
+        Pretrains the autoencoder first unless :meth:`pretrain` already ran. Returns ``self``.
+        """
+        anomalies = list(anomalies or [])
+        check_images(normal, "normal")
+        check_images(anomalies, "anomalies")
+        if anomaly_masks is None:
+            anomaly_masks = [None] * len(anomalies)
+        elif len(anomaly_masks) != len(anomalies):
+            raise EvaluatorInputError(
+                f"anomaly_masks has {len(anomaly_masks)} entries for {len(anomalies)} anomalies"
+            )
+        if not self.pretrained:
+            self.pretrain(normal)
+        x_normal = self._inputs(normal)  # (N, 3, S, S)
+        self.center = self._init_center(x_normal)
+        x_all = torch.cat([x_normal, self._inputs(anomalies)]) if anomalies else x_normal  # (N + M, 3, S, S)
+        labels_all = torch.cat(
+            [
+                torch.full((len(normal), self.grid, self.grid), _NORMAL, dtype=torch.int8),
+                torch.from_numpy(self._patch_labels(anomalies, anomaly_masks)),
+            ]
+        )  # (N + M, G, G)
+        eta = self.config.eta
+        optimizer = torch.optim.Adam(self.encoder.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        self.encoder.train()
+        for epoch in range(self.config.epochs):
+            total = 0.0
+            for batch in self._batches(len(x_all)):
+                index = torch.from_numpy(batch)
+                x, labels = self._flip(x_all[index], labels_all[index])  # (B, 3, S, S), (B, G, G)
+                dist = ((self.encoder(x) - self.center[None, :, None, None]) ** 2).sum(dim=1)  # (B, G, G)
+                labels = self._label_unmasked(labels, dist.detach())
+                terms = torch.where(labels == _ANOMALY, eta / (dist + LOSS_EPS), dist)  # (B, G, G)
+                used = labels != _IGNORE
+                if not used.any():
+                    continue
+                loss = terms[used].mean()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                total += loss.item() * len(batch)
+            self.history["train_loss"].append(total / len(x_all))
+            logger.debug("deep sad epoch %d: loss %.4f", epoch, self.history["train_loss"][-1])
+        self.encoder.eval()
+        return self
+
+    def _label_unmasked(self, labels: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
+        """Unmasked rows of ``labels`` (B, G, G): top_k farthest patches -> anomaly, the rest ignored."""
+        rows = (labels == _UNMASKED).flatten(1).all(dim=1)  # (B,)
+        if not rows.any():
+            return labels
+        flat = labels.flatten(1).clone()  # (B, G*G)
+        top = dist.flatten(1)[rows].topk(self.top_k, dim=1).indices  # (R, k)
+        chosen = torch.full_like(flat[rows], _IGNORE).scatter_(1, top, _ANOMALY)
+        flat[rows] = chosen
+        return flat.view_as(labels)
+
+    # ------------------------------------------------------------------------------------------- scoring
+    @torch.no_grad()
+    def score_maps(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """(N, G, G) float32 squared distance of every patch embedding to the centre."""
+        if self.center is None:
+            raise RuntimeError("DeepSADEvaluator.score called before fit")
+        check_images(images, "images")
+        if len(images) == 0:
+            return np.zeros((0, self.grid, self.grid), np.float32)
+        self.encoder.eval()
+        maps = []
+        for start in range(0, len(images), 64):
+            z = self.encoder(self._inputs(images[start : start + 64]))  # (B, D, G, G)
+            maps.append(((z - self.center[None, :, None, None]) ** 2).sum(dim=1))  # (B, G, G)
+        return torch.cat(maps).numpy().astype(np.float32)
+
+    def score(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """(N,) float64 anomaly score: mean of an image's top_k patch distances (higher = more anomalous)."""
+        maps = self.score_maps(images).reshape(len(images), -1)  # (N, G*G)
+        return np.sort(maps, axis=1)[:, -self.top_k :].mean(axis=1).astype(np.float64)
+
+    def clone(self) -> DeepSADEvaluator:
+        """An independent copy (weights, centre, history and random state)."""
+        return copy.deepcopy(self)
+
+    # ---------------------------------------------------------------------------------------- save/load
+    def _settings(self) -> dict[str, object]:
+        return {
+            "seed": self.seed,
+            "size": self.size,
+            "channels": list(self.channels),
+            "top_k": self.top_k,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "weight_decay": self.weight_decay,
+            "config": dataclasses.asdict(self.config),
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write the fitted encoder, centre and normalisation to one safetensors file."""
+        if self.center is None:
+            raise RuntimeError("DeepSADEvaluator.save called before fit")
+        path = Path(path)
+        tensors = {f"encoder.{k}": v.contiguous() for k, v in self.encoder.state_dict().items()}
+        tensors.update(
+            center=self.center.contiguous(), mean=self.mean.contiguous(), std=self.std.contiguous()
+        )
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, tmp, metadata={"deepsad": json.dumps(self._settings())})
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> DeepSADEvaluator:
+        """Read a file written by :meth:`save`; the result scores exactly as the saved evaluator did."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no Deep SAD evaluator at {path}")
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        if "deepsad" not in metadata:
+            raise EvaluatorInputError(f"{path} is not a Deep SAD evaluator file (no 'deepsad' metadata)")
+        settings = json.loads(metadata["deepsad"])
+        config = EvaluatorConfig(**settings.pop("config"))
+        settings["channels"] = tuple(settings["channels"])
+        evaluator = cls(config, **settings)
+        tensors = load_file(path)
+        evaluator.encoder.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("encoder.")})
+        evaluator.center, evaluator.mean, evaluator.std = tensors["center"], tensors["mean"], tensors["std"]
+        evaluator.pretrained = True
+        evaluator.encoder.eval()
+        return evaluator

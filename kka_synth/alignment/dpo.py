@@ -1,0 +1,228 @@
+"""One DPO round on the proposer with a fresh LoRA adapter.
+
+Implements the alignment step of KKA ("Improving Vision Anomaly Detection through Anomaly-related Knowledge
+from LLMs", arXiv 2502.14880): the proposer is fine-tuned with Direct Preference Optimization (Rafailov et
+al., NeurIPS 2023) to prefer completions that led to hard anomalies. Training runs through TRL's
+``DPOTrainer`` with a PEFT ``LoraConfig``; with LoRA the frozen base model is the reference policy, so no
+separate reference model is kept. ``AlignmentConfig.dpo`` and ``AlignmentConfig.lora`` are passed to
+``trl.DPOConfig`` and ``peft.LoraConfig`` unchanged, on top of the settings a CPU run needs.
+
+After training the adapter is saved, then merged into the base model (``merge_and_unload``), so the next
+round starts from a plain model and trains a new adapter (TRL refuses a LoRA-wrapped model plus a new LoRA
+config).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig, PeftModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from transformers.trainer_callback import PrinterCallback
+from trl import DPOConfig, DPOTrainer
+
+from kka_synth.alignment.pairs import pairs_to_columns
+from kka_synth.config import AlignmentConfig, ConfigError
+from kka_synth.types import PreferencePair
+
+logger = logging.getLogger(__name__)
+
+RESERVED_DPO_KEYS = ("output_dir", "seed")
+"""Set from ``train_dpo``'s own arguments; naming them in ``alignment.dpo`` is an error."""
+
+
+@dataclass
+class DPOResult:
+    """What one DPO round produced."""
+
+    adapter_dir: Path
+    """Folder holding the saved LoRA adapter (``adapter_config.json``, ``adapter_model.safetensors``)."""
+    steps: int
+    """Optimiser steps taken."""
+    train_loss: list[float]
+    """Logged training loss, one value per logging step."""
+    margin_before: float
+    """Mean over pairs of log pi(chosen | prompt) - log pi(rejected | prompt) before training."""
+    margin_after: float
+    """The same margin after training, measured on the merged model."""
+    model: PreTrainedModel = field(repr=False)
+    """The base model with the adapter merged in (the same object that was passed in, changed in place)."""
+
+
+class _LossRecorder(TrainerCallback):
+    """Collects the trainer's logged losses and sends them to this module's logger instead of stdout."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any
+    ):
+        if logs and "loss" in logs:
+            self.losses.append(float(logs["loss"]))
+            logger.debug("dpo step %d: loss %.4f", state.global_step, logs["loss"])
+
+
+def _check_keys(section: str, values: dict[str, Any], target: type) -> None:
+    known = {f.name for f in dataclasses.fields(target) if f.init}
+    for key in values:
+        if key not in known:
+            raise ConfigError(
+                f"alignment.{section} has unknown key {key!r} (not a field of {target.__name__})"
+            )
+
+
+def build_lora_config(lora: dict[str, Any]) -> LoraConfig:
+    """``peft.LoraConfig(**lora)`` (task_type defaults to CAUSAL_LM); a bad key or value is a ConfigError."""
+    _check_keys("lora", lora, LoraConfig)
+    try:
+        return LoraConfig(**{"task_type": "CAUSAL_LM", **lora})
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"alignment.lora rejected by LoraConfig: {str(error).splitlines()[0]}") from None
+
+
+def build_dpo_config(dpo: dict[str, Any], output_dir: str | Path, seed: int, max_length: int) -> DPOConfig:
+    """``trl.DPOConfig`` from ``dpo`` over CPU-safe defaults; a bad key or value is a ConfigError."""
+    _check_keys("dpo", dpo, DPOConfig)
+    for key in RESERVED_DPO_KEYS:
+        if key in dpo:
+            raise ConfigError(f"alignment.dpo must not set {key!r}: it comes from the run")
+    # transformers 5 renamed gradient_checkpointing to activation_checkpointing; set the new name when it
+    # exists so TRL's default of True for the old one is overridden without a deprecation warning.
+    fields = {f.name for f in dataclasses.fields(DPOConfig)}
+    checkpointing = (
+        "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    )
+    defaults: dict[str, Any] = {
+        "use_cpu": not torch.cuda.is_available(),
+        "bf16": False,
+        "report_to": "none",
+        checkpointing: bool(dpo.get("gradient_checkpointing", False)),
+        "max_length": max_length,
+        "save_strategy": "no",
+        "logging_steps": 1,
+        "disable_tqdm": True,
+    }
+    try:
+        return DPOConfig(output_dir=str(output_dir), seed=seed, **{**defaults, **dpo})
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"alignment.dpo rejected by DPOConfig: {str(error).splitlines()[0]}") from None
+
+
+def _completion_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, text: str) -> tuple[list[int], int]:
+    """Token ids of prompt + text + EOS and where the completion starts (as TRL tokenises it)."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    eos = tokenizer.eos_token
+    full_ids = tokenizer(prompt + text + ("" if text.endswith(eos) else eos))["input_ids"]
+    start = 0
+    while start < min(len(prompt_ids), len(full_ids)) and prompt_ids[start] == full_ids[start]:
+        start += 1
+    return full_ids, max(start, 1)  # the first token has no context to be predicted from
+
+
+@torch.no_grad()
+def sequence_logprobs(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    texts: Sequence[str],
+    batch_size: int = 32,
+) -> list[float]:
+    """Sum of log pi(token) over each completion's tokens (EOS included) given its prompt."""
+    encoded = [_completion_ids(tokenizer, p, t) for p, t in zip(prompts, texts, strict=True)]
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    was_training = model.training
+    model.eval()
+    totals: list[float] = []
+    for begin in range(0, len(encoded), batch_size):
+        chunk = encoded[begin : begin + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)  # (B, L), right-padded
+        scored = torch.zeros((len(chunk), width), dtype=torch.bool)  # (B, L) completion tokens
+        for row, (tokens, start) in enumerate(chunk):
+            ids[row, : len(tokens)] = torch.tensor(tokens)
+            scored[row, start : len(tokens)] = True
+        attention = (torch.arange(width)[None, :] < torch.tensor([len(t) for t, _ in chunk])[:, None]).long()
+        logits = model(
+            input_ids=ids.to(device), attention_mask=attention.to(device)
+        ).logits.float()  # (B, L, V)
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, L-1, V): predicts tokens 1..L-1
+        token_lp = logprobs.gather(-1, ids[:, 1:, None].to(device)).squeeze(-1)  # (B, L-1)
+        totals.extend((token_lp * scored[:, 1:].to(device)).sum(dim=1).tolist())
+    model.train(was_training)
+    return totals
+
+
+def preference_margin(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[PreferencePair]
+) -> float:
+    """Mean over pairs of log pi(chosen | prompt) - log pi(rejected | prompt), completion log-probs summed."""
+    if not pairs:
+        raise ValueError("preference_margin needs at least one pair")
+    prompts = [pair.prompt for pair in pairs]
+    chosen = sequence_logprobs(model, tokenizer, prompts, [pair.chosen for pair in pairs])
+    rejected = sequence_logprobs(model, tokenizer, prompts, [pair.rejected for pair in pairs])
+    return float(sum(c - r for c, r in zip(chosen, rejected, strict=True)) / len(pairs))
+
+
+def train_dpo(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[PreferencePair],
+    config: AlignmentConfig,
+    output_dir: str | Path,
+    seed: int,
+) -> DPOResult:
+    """Train a fresh LoRA adapter on ``pairs`` with DPO, save it to ``output_dir``, merge it into ``model``.
+
+    ``model`` must be a plain (not LoRA-wrapped) causal LM; it is changed in place and returned as
+    ``DPOResult.model``.
+    """
+    if not pairs:
+        raise ValueError("train_dpo needs at least one preference pair")
+    if isinstance(model, PeftModel):
+        raise ValueError("train_dpo needs a plain model: merge the previous adapter first (merge_and_unload)")
+    if tokenizer.eos_token is None:
+        raise ValueError("the tokenizer has no eos_token; DPO appends it to every completion")
+    output_dir = Path(output_dir)
+    lora_config = build_lora_config(config.lora)
+    longest = max(
+        len(_completion_ids(tokenizer, p.prompt, text)[0]) for p in pairs for text in (p.chosen, p.rejected)
+    )
+    dpo_config = build_dpo_config(config.dpo, output_dir, seed, max_length=longest)
+    margin_before = preference_margin(model, tokenizer, pairs)
+    recorder = _LossRecorder()
+    trainer = DPOTrainer(
+        model=model,
+        args=dpo_config,
+        train_dataset=Dataset.from_dict(pairs_to_columns(pairs)),
+        processing_class=tokenizer,
+        peft_config=lora_config,
+        callbacks=[recorder],
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    peft_model = trainer.accelerator.unwrap_model(trainer.model)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(str(output_dir))
+    merged = peft_model.merge_and_unload()
+    merged.eval()
+    margin_after = preference_margin(merged, tokenizer, pairs)
+    steps = int(trainer.state.global_step)
+    logger.info(
+        "dpo: %d pairs, %d steps, margin %.3f -> %.3f, adapter in %s",
+        len(pairs),
+        steps,
+        margin_before,
+        margin_after,
+        output_dir,
+    )
+    return DPOResult(output_dir, steps, recorder.losses, margin_before, margin_after, merged)
