@@ -1,0 +1,203 @@
+"""The offline proposer: a compact Llama-style causal LM that writes defect specs as JSON.
+
+It stands in for the LLM of KKA ("Improving Vision Anomaly Detection through Anomaly-related Knowledge from
+LLMs", arXiv 2502.14880) when no pretrained weights can be used: a few-layer ``LlamaForCausalLM`` and a local
+BPE tokenizer are pretrained on first use on specs sampled from the knowledge base (all categories of all
+knowledge files, so one model serves any dataset), then cached. Sampling is seeded and batched, and by default
+constrained to the spec grammar. DPO aligns it by training a LoRA adapter on :attr:`CompactProposer.model`;
+:meth:`CompactProposer.apply_adapter` merges that adapter so the next round samples with it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from transformers import (
+    GenerationConfig,
+    LlamaForCausalLM,
+    LogitsProcessorList,
+    PreTrainedTokenizerFast,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from kka_synth.agents.base import ProposalContext, parse_completion
+from kka_synth.agents.corpus import SpecVocabulary, compact_prompt
+from kka_synth.agents.grammar import SpecGrammar, SpecGrammarProcessor
+from kka_synth.agents.pretrain import SETTINGS_FILE, CompactLMConfig, load_or_pretrain
+from kka_synth.config import ProposerConfig
+from kka_synth.prompts.knowledge import all_knowledge
+from kka_synth.types import Proposal
+
+logger = logging.getLogger(__name__)
+
+
+class AdapterError(ValueError):
+    """A LoRA adapter cannot be applied to the compact proposer."""
+
+
+class CompactProposer:
+    """The ``compact`` backend: a small causal LM pretrained on the knowledge base.
+
+    ``CompactProposer(config, seed)`` loads the pretrained model from the cache, or pretrains and caches it on
+    first use (see :func:`kka_synth.agents.pretrain.load_or_pretrain`). ``model_dir`` loads a saved model
+    folder instead, as :meth:`from_pretrained` does.
+
+    Args:
+        config: sampling settings and ``pretrain_steps``; the defaults of :class:`ProposerConfig` when None.
+        seed: seed of the corpus, the initial weights and the pretraining batches.
+        lm: architecture, corpus and pretraining settings.
+        model_dir: a folder saved by :meth:`save_pretrained` (skips the cache).
+    """
+
+    def __init__(
+        self,
+        config: ProposerConfig | None = None,
+        seed: int = 0,
+        *,
+        lm: CompactLMConfig | None = None,
+        model_dir: str | Path | None = None,
+    ) -> None:
+        self.config = config or ProposerConfig()
+        lm = lm or CompactLMConfig()
+        if model_dir is None:
+            model_dir = load_or_pretrain(lm, self.config.pretrain_steps, seed)
+        model_dir = Path(model_dir)
+        settings = _read_settings(model_dir, lm)
+        self.path = model_dir
+        self.knowledge_files = tuple(settings["knowledge_files"])
+        self.max_description_words = int(settings["max_description_words"])
+        self.model = LlamaForCausalLM.from_pretrained(model_dir)
+        self.model.eval()
+        self.tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
+        self.tokenizer.padding_side = "left"
+        self.vocabulary = SpecVocabulary.from_knowledge(all_knowledge(self.knowledge_files))
+        self._grammars: dict[int, SpecGrammar] = {}
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, config: ProposerConfig | None = None) -> CompactProposer:
+        """Load a compact proposer saved with :meth:`save_pretrained` (model, tokenizer, settings)."""
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"no compact proposer at {path} (config.json missing)")
+        return cls(config, model_dir=path)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Save the model, the tokenizer and the grammar settings to ``path``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        settings = {
+            "knowledge_files": list(self.knowledge_files),
+            "max_description_words": self.max_description_words,
+        }
+        (path / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
+
+    def prompt_for(self, context: ProposalContext) -> str:
+        """The one-line prompt the model continues (examples and constraints are for chat backends)."""
+        return compact_prompt(context.knowledge, context.category)
+
+    def grammar(self) -> SpecGrammar:
+        """The spec grammar, with the description cap shrunk to fit ``config.max_new_tokens``."""
+        full = self._grammars.get(self.max_description_words)
+        if full is None:
+            full = SpecGrammar(
+                self.tokenizer, self.vocabulary, self.max_description_words, self.model.config.vocab_size
+            )
+            self._grammars[self.max_description_words] = full
+        words = full.words_within(self.config.max_new_tokens)
+        if words not in self._grammars:
+            logger.info("description cap lowered to %d words to fit max_new_tokens", words)
+            self._grammars[words] = SpecGrammar(
+                self.tokenizer, self.vocabulary, words, self.model.config.vocab_size
+            )
+        return self._grammars[words]
+
+    def _processors(self, prompt_length: int) -> LogitsProcessorList:
+        # The grammar masks first, so temperature and top-p only reshape the allowed tokens.
+        processors = LogitsProcessorList()
+        if self.config.constrained:
+            processors.append(SpecGrammarProcessor(self.grammar(), prompt_length))
+        if self.config.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(self.config.temperature))
+        if self.config.top_p < 1.0:
+            processors.append(TopPLogitsWarper(self.config.top_p))
+        return processors
+
+    @torch.no_grad()
+    def propose(self, context: ProposalContext, n: int, seed: int) -> list[Proposal]:
+        """Sample ``n`` completions for ``context`` in batches of ``config.batch_size``, seeded by ``seed``.
+
+        Each :class:`Proposal` holds the prompt, the completion decoded without the prompt, and the parse
+        result (a spec, or the reason it failed).
+        """
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if context.examples or context.constraints:
+            logger.debug("the compact proposer ignores few-shot examples and constraints")
+        prompt = self.prompt_for(context)
+        generation = GenerationConfig(
+            do_sample=True,
+            max_new_tokens=self.config.max_new_tokens,
+            top_k=0,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            bos_token_id=self.tokenizer.bos_token_id,
+        )
+        device = self.model.device
+        texts: list[str] = []
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for start in range(0, n, self.config.batch_size):
+                size = min(self.config.batch_size, n - start)
+                batch = self.tokenizer([prompt] * size, return_tensors="pt", padding=True).to(device)
+                length = batch["input_ids"].shape[1]
+                output = self.model.generate(
+                    **batch, generation_config=generation, logits_processor=self._processors(length)
+                )  # (size, length + new tokens)
+                texts += self.tokenizer.batch_decode(output[:, length:], skip_special_tokens=True)
+        proposals = [parse_completion(text, context, prompt=prompt) for text in texts]
+        valid = sum(p.spec is not None for p in proposals)
+        logger.debug("%s: %d of %d proposals parsed", context.category, valid, n)
+        return proposals
+
+    def apply_adapter(self, path: str | Path) -> None:
+        """Load a PEFT LoRA adapter saved with ``save_pretrained`` onto :attr:`model` and merge it.
+
+        After this :attr:`model` is a plain ``LlamaForCausalLM`` again, so a later DPO round can train a new
+        adapter on it.
+        """
+        from peft import PeftModel
+
+        path = Path(path)
+        if not (path / "adapter_config.json").is_file():
+            raise AdapterError(f"no LoRA adapter at {path} (adapter_config.json missing)")
+        if any("lora_" in name for name, _ in self.model.named_parameters()):
+            raise AdapterError(
+                "the proposer's model already carries LoRA layers; "
+                "train DPO on a copy of it or merge them first"
+            )
+        merged = PeftModel.from_pretrained(self.model, str(path)).merge_and_unload()
+        self.model = merged.eval()
+        logger.info("merged LoRA adapter %s into the compact proposer", path)
+
+
+def _read_settings(model_dir: Path, lm: CompactLMConfig) -> dict:
+    path = model_dir / SETTINGS_FILE
+    if not path.is_file():
+        return {
+            "knowledge_files": list(lm.knowledge_files),
+            "max_description_words": lm.max_description_words,
+        }
+    try:
+        settings = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error.msg})") from None
+    missing = [key for key in ("knowledge_files", "max_description_words") if key not in settings]
+    if missing:
+        raise ValueError(f"{path} lacks {missing[0]}")
+    return settings
