@@ -63,7 +63,7 @@ def _number(data: dict[str, Any], key: str, reason: str) -> float:
         raise SpecError(reason, f"{key} must be a number, got {value!r}")
     try:
         number = float(value)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise SpecError(reason, f"{key} must be a number, got {value!r}") from None
     if not math.isfinite(number):
         raise SpecError(reason, f"{key} must be finite, got {value!r}")
@@ -113,7 +113,7 @@ class DefectSpec:
         text = text.strip()
         try:
             data = json.loads(text)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             match = _JSON_OBJECT.search(text)
             if match is None:
                 raise SpecError("not_json", "no JSON object in the reply") from None
@@ -121,6 +121,8 @@ class DefectSpec:
                 data = json.loads(match.group(0))
             except json.JSONDecodeError as error:
                 raise SpecError("not_json", f"invalid JSON ({error.msg} at char {error.pos})") from None
+            except (ValueError, RecursionError) as error:
+                raise SpecError("not_json", f"unreadable JSON ({type(error).__name__})") from None
         if not isinstance(data, dict):
             raise SpecError("not_json", f"expected a JSON object, got {type(data).__name__}")
         missing = [key for key in SPEC_FIELDS if key not in data]

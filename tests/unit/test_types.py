@@ -64,3 +64,17 @@ def test_dict_round_trip_and_prompt():
 def test_proposal_round_trip_keeps_error():
     proposal = Proposal(prompt="p", text="t", spec=None, error="not_json")
     assert Proposal.from_dict(proposal.to_dict()) == proposal
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ('{"size": ' + "9" * 5000 + "}", "not_json"),
+        ("[" * 100000 + "]" * 100000, "not_json"),
+        (json.dumps({**GOOD, "severity": 10**400}), "bad_severity"),
+    ],
+)
+def test_pathological_replies_are_spec_errors(text, reason):
+    with pytest.raises(SpecError) as info:
+        DefectSpec.from_text(text, "brick")
+    assert info.value.reason == reason
