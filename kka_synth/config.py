@@ -97,8 +97,11 @@ class FilterConfig:
 class EvaluatorConfig:
     name: str = _help("Confusion evaluator: deepsad-cnn.", default="deepsad-cnn")
     eta: float = _help("Weight of the labelled-anomaly term of Deep SAD.", default=1.0)
-    pretrain_epochs: int = _help("Autoencoder pretraining epochs.", default=10)
-    epochs: int = _help("Deep SAD training epochs.", default=20)
+    pretrain_epochs: int = _help("Autoencoder pretraining epochs.", default=20)
+    epochs: int = _help("Deep SAD training epochs.", default=50)
+    size: int = _help("Side in pixels the evaluator sees images at (a multiple of 4).", default=128)
+    crop: int | None = _help("Train on random crops of this side (full resolution at a fraction of the "
+                             "cost); None trains on whole images.", default=64)
     folds: int = _help("Cross-fitting folds: no candidate is scored by a model that saw it.", default=2)
     hard_quantile: float = _help("A kept candidate is hard when it scores below this quantile of held-out "
                                  "normal scores.", default=0.95)
@@ -106,6 +109,9 @@ class EvaluatorConfig:
     def __post_init__(self) -> None:
         _check(self.name in ("deepsad-cnn",), f"evaluator.name must be deepsad-cnn, got {self.name!r}")
         _check(self.eta > 0, "evaluator.eta must be positive")
+        _check(self.size % 4 == 0 and self.size >= 16, f"evaluator.size must be a multiple of 4 >= 16, got {self.size}")
+        _check(self.crop is None or (self.crop % 4 == 0 and 16 <= self.crop <= self.size),
+               f"evaluator.crop must be None or a multiple of 4 in [16, evaluator.size], got {self.crop}")
         _check(self.folds >= 2, "evaluator.folds must be >= 2")
         _check(0.5 <= self.hard_quantile < 1.0, "evaluator.hard_quantile must be in [0.5, 1)")
 

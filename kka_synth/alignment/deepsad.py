@@ -14,6 +14,15 @@ rules out). Training follows the paper:
    sees the defect); an anomaly without a mask labels its ``top_k`` farthest patches, and one with an empty
    mask takes no part in training.
 
+Two departures from the image-level paper, both because a defect covers a few cells of the grid:
+
+- the pull and push terms are averaged separately (each over its own patches) and summed, where the paper
+  averages over all samples; with one mean over patches, a defect's push weighs its tiny share of them
+  and the model learned to tell none of its labelled anomalies from normals;
+- training runs on random aligned crops (``crop``) of the full-resolution images, each anomaly crop holding
+  one of its labelled cells. Downsampling to save time blurred thin and faint defects away; crops keep the
+  resolution at the cost of the smaller image, and the fully convolutional encoder still scores whole images.
+
 An image's anomaly score is the mean of its ``top_k`` largest per-patch squared distances to ``c``. Scoring
 patches rather than whole images keeps the model from memorising the few training normals, so a subtle
 local defect is not drowned by the rest of the image.
@@ -129,19 +138,25 @@ class DeepSADEvaluator:
         config: EvaluatorConfig | None = None,
         *,
         seed: int = 0,
-        size: int = 64,
+        size: int | None = None,
+        crop: int | None = -1,
         channels: tuple[int, int, int] = (16, 32, 32),
         top_k: int = 4,
         batch_size: int = 16,
         lr: float = 1e-3,
         weight_decay: float = 1e-6,
     ):
+        self.config = config or EvaluatorConfig()
+        size = self.config.size if size is None else size
+        crop = self.config.crop if crop == -1 else crop  # -1: take it from the config; None: no crops
         if size % 4 != 0 or size < 16:
             raise ValueError(f"size must be a multiple of 4 and >= 16, got {size}")
         if not 1 <= top_k <= (size // 4) ** 2:
             raise ValueError(f"top_k must be in [1, {(size // 4) ** 2}] for size {size}, got {top_k}")
-        self.config = config or EvaluatorConfig()
+        if crop is not None and (crop % 4 != 0 or not 16 <= crop <= size):
+            raise ValueError(f"crop must be a multiple of 4 in [16, size], got {crop}")
         self.seed, self.size, self.channels, self.top_k = seed, size, tuple(channels), top_k
+        self.crop = crop
         self.batch_size, self.lr, self.weight_decay = batch_size, lr, weight_decay
         generator = torch.Generator().manual_seed(seed)
         self.encoder = PatchEncoder(self.channels)
@@ -213,6 +228,32 @@ class DeepSADEvaluator:
                 labels = torch.where(flip[:, None, None], labels.flip(dim), labels)
         return x, labels
 
+    def _crop(
+        self, x: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Random aligned crops of ``crop`` pixels from x (B, 3, S, S) and labels (B, G, G).
+
+        Training on crops keeps the model at the images' full resolution at a fraction of the cost; the
+        encoder is fully convolutional, so scoring still sees whole images. A crop of an image with
+        labelled-anomaly cells always contains one of them, chosen at random.
+        """
+        if self.crop is None or self.crop == self.size:
+            return x, labels
+        cells, grid = self.crop // 4, self.grid
+        xs, ls = [], []
+        for i in range(x.shape[0]):
+            top, left = self._rng.integers(0, grid - cells + 1, size=2)
+            if labels is not None:
+                hits = torch.nonzero(labels[i] == _ANOMALY)
+                if len(hits):
+                    cy, cx = hits[self._rng.integers(len(hits))].tolist()
+                    top = self._rng.integers(max(0, cy - cells + 1), min(cy, grid - cells) + 1)
+                    left = self._rng.integers(max(0, cx - cells + 1), min(cx, grid - cells) + 1)
+            xs.append(x[i, :, 4 * top : 4 * (top + cells), 4 * left : 4 * (left + cells)])
+            if labels is not None:
+                ls.append(labels[i, top : top + cells, left : left + cells])
+        return torch.stack(xs), (torch.stack(ls) if labels is not None else None)  # (B, 3, C, C), (B, c, c)
+
     # ------------------------------------------------------------------------------------------- training
     def pretrain(self, normal: Sequence[np.ndarray]) -> DeepSADEvaluator:
         """Autoencoder pretraining on ``normal`` for ``config.pretrain_epochs`` epochs; sets normalisation."""
@@ -230,7 +271,7 @@ class DeepSADEvaluator:
         for epoch in range(self.config.pretrain_epochs):
             total = 0.0
             for batch in self._batches(len(x_all)):
-                x, _ = self._flip(x_all[torch.from_numpy(batch)])  # (B, 3, S, S)
+                x, _ = self._crop(*self._flip(x_all[torch.from_numpy(batch)]))  # (B, 3, C, C)
                 loss = ((self.decoder(self.encoder(x)) - x) ** 2).mean()
                 optimizer.zero_grad()
                 loss.backward()
@@ -291,14 +332,17 @@ class DeepSADEvaluator:
             total = 0.0
             for batch in self._batches(len(x_all)):
                 index = torch.from_numpy(batch)
-                x, labels = self._flip(x_all[index], labels_all[index])  # (B, 3, S, S), (B, G, G)
+                x, labels = self._crop(*self._flip(x_all[index], labels_all[index]))  # (B, 3, C, C), (B, c, c)
                 dist = ((self.encoder(x) - self.center[None, :, None, None]) ** 2).sum(dim=1)  # (B, G, G)
                 labels = self._label_unmasked(labels, dist.detach())
-                terms = torch.where(labels == _ANOMALY, eta / (dist + LOSS_EPS), dist)  # (B, G, G)
-                used = labels != _IGNORE
-                if not used.any():
+                pull, push = labels == _NORMAL, labels == _ANOMALY  # (B, G, G)
+                if not (pull.any() or push.any()):
                     continue
-                loss = terms[used].mean()
+                # The two terms are averaged separately: a defect covers a few cells of the grid, and one
+                # mean over all patches would weigh its push by its tiny share of them (see module docstring).
+                loss = dist[pull].mean() if pull.any() else dist.new_zeros(())
+                if push.any():
+                    loss = loss + eta * (1.0 / (dist[push] + LOSS_EPS)).mean()
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -349,6 +393,7 @@ class DeepSADEvaluator:
         return {
             "seed": self.seed,
             "size": self.size,
+            "crop": self.crop,
             "channels": list(self.channels),
             "top_k": self.top_k,
             "batch_size": self.batch_size,

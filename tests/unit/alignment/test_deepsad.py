@@ -9,12 +9,12 @@ import torch
 from kka_synth.alignment.deepsad import CENTER_EPS, DeepSADEvaluator, EvaluatorInputError
 from kka_synth.config import EvaluatorConfig
 
-SMALL = EvaluatorConfig(pretrain_epochs=4, epochs=8)
+SMALL = EvaluatorConfig(pretrain_epochs=4, epochs=8, size=64, crop=None)
 
 
 @pytest.fixture(scope="module")
 def fitted(brick_sets: dict[str, list[np.ndarray]]) -> DeepSADEvaluator:
-    return DeepSADEvaluator(EvaluatorConfig(pretrain_epochs=6, epochs=12), seed=0).fit(
+    return DeepSADEvaluator(EvaluatorConfig(pretrain_epochs=6, epochs=12, size=64, crop=None), seed=0).fit(
         brick_sets["normals"], brick_sets["anomalies"], brick_sets["masks"]
     )
 
@@ -123,3 +123,24 @@ def test_bad_inputs_raise_clear_errors(brick_sets: dict[str, list[np.ndarray]]) 
         model.fit(normals, [normals[0]], [None, None])
     with pytest.raises(ValueError, match="top_k"):
         DeepSADEvaluator(SMALL, size=16, top_k=17)
+
+
+def test_crop_training_scores_whole_images_at_full_resolution(brick_sets: dict[str, list[np.ndarray]]) -> None:
+    config = EvaluatorConfig(pretrain_epochs=2, epochs=2, size=64, crop=32)
+    model = DeepSADEvaluator(config, seed=0, channels=(8, 16, 16))
+    model.fit(brick_sets["normals"][:8], brick_sets["obvious"][:4], [None] * 4)
+    assert model.crop == 32 and model.score_maps(brick_sets["normals"][:2]).shape == (2, 16, 16)
+    assert len(model.history["train_loss"]) == 2 and np.isfinite(model.history["train_loss"]).all()
+
+
+def test_crops_of_anomalies_keep_a_labelled_cell() -> None:
+    import torch
+
+    model = DeepSADEvaluator(EvaluatorConfig(size=64, crop=16), seed=3)
+    labels = torch.zeros((4, 16, 16), dtype=torch.int8)
+    for i, (y, x) in enumerate([(0, 0), (15, 15), (7, 3), (2, 14)]):
+        labels[i, y, x] = 1  # one labelled-anomaly cell per image
+    for _ in range(10):
+        x, cropped = model._crop(torch.zeros((4, 3, 64, 64)), labels)
+        assert x.shape == (4, 3, 16, 16) and cropped.shape == (4, 4, 4)
+        assert (cropped == 1).flatten(1).any(dim=1).all()

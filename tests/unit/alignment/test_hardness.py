@@ -18,7 +18,7 @@ from kka_synth.alignment.hardness import (
 )
 from kka_synth.config import EvaluatorConfig
 
-SMALL = EvaluatorConfig(pretrain_epochs=4, epochs=8)
+SMALL = EvaluatorConfig(pretrain_epochs=4, epochs=8, size=64, crop=None)
 FAST = {"size": 32, "channels": (8, 16, 16)}
 
 
@@ -79,7 +79,7 @@ def test_cross_fit_never_scores_a_candidate_with_a_model_that_saw_it(
     _Recording.log = []
     anomalies = brick_sets["anomalies"][:9]
     masks = brick_sets["masks"][:9]
-    config = EvaluatorConfig(pretrain_epochs=2, epochs=2, folds=3)
+    config = EvaluatorConfig(pretrain_epochs=2, epochs=2, folds=3, size=64, crop=None)
     result = cross_fit_hardness(
         brick_sets["normals"][:8], brick_sets["holdout"][:6], anomalies, masks, config, seed=0, **FAST
     )
