@@ -85,6 +85,10 @@ def change_gray(source: np.ndarray, render: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(luma_render + sign * boost), 0, 255).astype(np.uint8)
 
 
+TOLERANCE_QUANTILE = 0.999
+"""Quantile of descriptor movement under sensor noise beyond which a shared keypoint no longer matches."""
+
+
 class MatchCountBand:
     """Keeps renders whose SIFT match ratio with their source lies strictly inside a calibrated band.
 
@@ -98,6 +102,15 @@ class MatchCountBand:
     5-15% of its matches to detector flicker under sensor noise of one grey level, as many as a visible local
     defect costs, so a band calibrated on noisy copies rejected most real defects as near copies; shared,
     noise-stable keypoints make noisy copies score 1.0 and leave the defect's own damage as the signal.
+
+    In that mode two more things make the matcher see what a person sees. Detected keypoints are few on small
+    images (about 60 on a 128-pixel brick crop, 7 on a plain washer), so a local defect rarely touches one;
+    a grid of keypoints every ``grid_step`` pixels is described as well (dense SIFT). And a changed
+    descriptor still wins the ratio test at its own place, so a shared keypoint counts as matched only while
+    its descriptor moved no more than sensor noise moves it (``tolerance``, the :data:`TOLERANCE_QUANTILE`
+    quantile of descriptor movement on noisy copies of the calibration normals). On the demo's first
+    iteration this took the near-copy rejections of procedural renders from 89 of 121 to 17, the rest being
+    the smallest, faintest specs.
 
     The band comes from the caller's normal images (:meth:`calibrate`):
 
@@ -129,6 +142,8 @@ class MatchCountBand:
         high: float | None = None,
         min_keypoints: int = 4,
         reject_near_copy: bool = True,
+        grid_step: int = 8,
+        tolerance: float | None = None,
         cache_size: int = 64,
     ):
         if not 0.0 <= quantiles[0] < quantiles[1] <= 1.0:
@@ -144,6 +159,8 @@ class MatchCountBand:
         self.keypoints = keypoints
         self.min_keypoints = int(min_keypoints)
         self.reject_near_copy = bool(reject_near_copy)
+        self.grid_step = int(grid_step)
+        self.tolerance = tolerance
         self.low, self.high = low, high
         self.near_copy_scores: list[float] = []
         self.unrelated_scores: list[float] = []
@@ -168,9 +185,9 @@ class MatchCountBand:
         if key not in self._sources:
             if len(self._sources) >= self.cache_size:
                 self._sources.pop(next(iter(self._sources)))
-            keypoints, descriptors = self._sift.detectAndCompute(
-                cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), None
-            )
+            gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+            keypoints = tuple(self._sift.detect(gray, None)) + self._grid(gray.shape)
+            keypoints, descriptors = self._sift.compute(gray, keypoints)
             if self.keypoints == "source" and descriptors is not None and len(descriptors) >= 2:
                 stable = np.ones(len(descriptors), dtype=bool)
                 noise_rng = np.random.default_rng(0)
@@ -183,6 +200,18 @@ class MatchCountBand:
                 descriptors = descriptors[stable]
             self._sources[key] = (keypoints, descriptors)
         return self._sources[key]
+
+    def _grid(self, shape: tuple[int, ...]) -> tuple:
+        """Keypoints on a regular grid (every ``grid_step`` pixels, support ``2 * grid_step``), or none."""
+        if not self.grid_step:
+            return ()
+        step = self.grid_step
+        size = float(2 * step)
+        return tuple(
+            cv2.KeyPoint(float(x), float(y), size)
+            for y in range(step, shape[0] - step + 1, step)
+            for x in range(step, shape[1] - step + 1, step)
+        )
 
     def _good(self, source_desc: np.ndarray, render_desc: np.ndarray | None) -> np.ndarray:
         """(N,) bool: which source descriptors find a match in the render that passes Lowe's ratio test."""
@@ -201,9 +230,24 @@ class MatchCountBand:
         gray = change_gray(source, render)
         if self.keypoints == "source":
             _, render_desc = self._sift.compute(gray, keypoints)
+            good = self._good(source_desc, render_desc)
+            if self.tolerance is not None and render_desc is not None and len(render_desc) == len(source_desc):
+                good &= np.linalg.norm(source_desc - render_desc, axis=1) <= self.tolerance
         else:
             _, render_desc = self._sift.detectAndCompute(gray, None)
-        return float(self._good(source_desc, render_desc).mean()), len(source_desc)
+            good = self._good(source_desc, render_desc)
+        return float(good.mean()), len(source_desc)
+
+    def _noise_distances(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """(N,) distances between the source's descriptors and a noisy copy's at the same keypoints."""
+        keypoints, source_desc = self.describe(image)
+        if source_desc is None or len(source_desc) == 0:
+            return np.zeros(0)
+        noisy = np.clip(np.rint(image + rng.normal(0.0, self.noise_sigma, image.shape)), 0, 255).astype(np.uint8)
+        _, noisy_desc = self._sift.compute(change_gray(image, noisy), keypoints)
+        if noisy_desc is None or len(noisy_desc) != len(source_desc):
+            return np.zeros(0)
+        return np.linalg.norm(source_desc - noisy_desc, axis=1)
 
     def calibrate(self, normals: list[np.ndarray], rng: np.random.Generator) -> MatchCountBand:
         """Set the band from near-copy and unrelated references on ``normals`` (two or more); returns self."""
@@ -211,6 +255,13 @@ class MatchCountBand:
             raise FilterError(f"MatchCountBand.calibrate needs at least 2 normal images, got {len(normals)}")
         normals = [_check_rgb(image, f"normals[{i}]") for i, image in enumerate(normals)]
         near, unrelated = [], []
+        if self.keypoints == "source":
+            self.tolerance = None
+            distances = np.concatenate(
+                [self._noise_distances(normals[i], rng) for i in rng.permutation(len(normals))[: self.max_pairs]]
+            )
+            if len(distances):
+                self.tolerance = float(np.quantile(distances, TOLERANCE_QUANTILE))
         for index in rng.permutation(len(normals))[: self.max_pairs]:
             image = normals[index]
             noisy = np.clip(np.rint(image + rng.normal(0.0, self.noise_sigma, image.shape)), 0, 255)
@@ -273,6 +324,8 @@ class MatchCountBand:
             "keypoints": self.keypoints,
             "min_keypoints": self.min_keypoints,
             "reject_near_copy": self.reject_near_copy,
+            "grid_step": self.grid_step,
+            "tolerance": self.tolerance,
             "low": self.low,
             "high": self.high,
             "near_copy_scores": [round(float(s), 6) for s in self.near_copy_scores],
@@ -290,6 +343,8 @@ class MatchCountBand:
                 keypoints=data["keypoints"],
                 min_keypoints=data["min_keypoints"],
                 reject_near_copy=data.get("reject_near_copy", True),
+                grid_step=data.get("grid_step", 0),
+                tolerance=data.get("tolerance"),
                 low=data["low"],
                 high=data["high"],
             )

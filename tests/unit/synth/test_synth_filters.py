@@ -111,12 +111,12 @@ def test_band_accepts_sources_without_or_with_few_keypoints():
     assert verdict.ok and verdict.reason == "no_keypoints" and np.isnan(verdict.score)
     triangle = flat.copy()  # an asymmetric dark triangle: a few distinctive keypoints
     cv2.fillPoly(triangle, [np.array([[20, 18], [44, 24], [30, 46]])], (30, 30, 30))
-    band = MatchCountBand(low=0.2, high=0.99, min_keypoints=10)
+    band = MatchCountBand(low=0.2, high=0.99, min_keypoints=10, grid_step=0)
     assert 0 < len(band.describe(triangle)[0]) < 10
     verdict = band(triangle, candidate(triangle.copy(), np.ones((64, 64), dtype=bool)))
     assert verdict.ok and verdict.reason == "few_keypoints" and np.isfinite(verdict.score)
     with pytest.raises(FilterError, match="fewer than 10"):
-        MatchCountBand(min_keypoints=10).calibrate([flat, triangle], np.random.default_rng(0))
+        MatchCountBand(min_keypoints=10, grid_step=0).calibrate([flat, triangle], np.random.default_rng(0))
 
 
 def test_band_state_round_trips_through_json(band, object_normals):
@@ -200,3 +200,22 @@ def test_build_calibrate_restore_and_apply(object_normals):
         apply_filters(filters, source, candidate(grass, render.mask))["match_band"].reason
         == "broken_structure"
     )
+
+
+def test_calibrated_band_tells_a_faint_local_defect_from_a_noisy_copy():
+    from skimage import data as skdata
+
+    from kka_synth.synth import ProceduralRenderer
+    from kka_synth.types import REGIONS, DefectSpec
+
+    gray = skdata.brick()
+    crops = [np.repeat(gray[y : y + 128, x : x + 128, None], 3, axis=2) for y in (0, 200, 380) for x in (0, 190, 380)]
+    band = MatchCountBand().calibrate(crops, np.random.default_rng(0))
+    assert band.tolerance is not None and band.tolerance > 0
+    source = crops[0]
+    spec = DefectSpec("brick", "crack", "", REGIONS["center"], 0.01, "crack", "darker", 0.3)
+    image, mask = ProceduralRenderer().render(source, spec, np.random.default_rng(1))
+    assert band(source, candidate(image, mask)).ok
+    noisy = np.clip(source + np.random.default_rng(2).normal(0, 1.0, source.shape), 0, 255).astype(np.uint8)
+    verdict = band(source, candidate(noisy, mask))
+    assert not verdict.ok and verdict.reason == "near_copy"
