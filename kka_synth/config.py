@@ -1,8 +1,8 @@
 """Run configuration: one dataclass per stage, gathered in :class:`RunConfig`, loaded from YAML.
 
-Fields carry help text and are checked in ``__post_init__``; a bad value raises :class:`ConfigError` with one
-line naming the field. TRL's ``DPOConfig`` and PEFT's ``LoraConfig`` are not wrapped: ``dpo`` and ``lora`` hold
-their keyword arguments and are handed to them unchanged.
+Fields carry help text and are checked in ``__post_init__``; a bad value raises :class:`ConfigError` with
+one line naming the field. TRL's ``DPOConfig`` and PEFT's ``LoraConfig`` are not wrapped: ``dpo`` and
+``lora`` hold their keyword arguments and are handed to them unchanged.
 """
 
 from __future__ import annotations
@@ -38,13 +38,19 @@ class DataConfig:
     root: str | None = _help("Dataset root folder (not needed for demo).", default=None)
     categories: list[str] = _help("Categories to use; empty means all.", default_factory=list)
     image_size: int = _help("Side in pixels that images are resized to for the loop.", default=128)
-    holdout: float = _help("Share of train/good held out to calibrate the hard rule and the filters.",
-                           default=0.25)
+    holdout: float = _help(
+        "Share of train/good held out to calibrate the hard rule and the filters.", default=0.25
+    )
 
     def __post_init__(self) -> None:
-        _check(self.dataset in DATASETS, f"data.dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
-        _check(self.dataset == "demo" or self.root is not None,
-               f"data.root is required for dataset {self.dataset!r} (pass --data-root)")
+        _check(
+            self.dataset in DATASETS,
+            f"data.dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}",
+        )
+        _check(
+            self.dataset == "demo" or self.root is not None,
+            f"data.root is required for dataset {self.dataset!r} (pass --data-root)",
+        )
         _check(16 <= self.image_size <= 4096, f"data.image_size must be in [16, 4096], got {self.image_size}")
         _check(0.05 <= self.holdout <= 0.5, f"data.holdout must be in [0.05, 0.5], got {self.holdout}")
 
@@ -61,9 +67,13 @@ class ProposerConfig:
     pretrain_steps: int = _help("Pretraining steps of the compact LM on the knowledge corpus.", default=300)
 
     def __post_init__(self) -> None:
-        _check(self.backend in ("compact", "transformers"),
-               f"proposer.backend must be compact or transformers, got {self.backend!r}")
-        _check(0.0 < self.temperature <= 5.0, f"proposer.temperature must be in (0, 5], got {self.temperature}")
+        _check(
+            self.backend in ("compact", "transformers"),
+            f"proposer.backend must be compact or transformers, got {self.backend!r}",
+        )
+        _check(
+            0.0 < self.temperature <= 5.0, f"proposer.temperature must be in (0, 5], got {self.temperature}"
+        )
         _check(0.0 < self.top_p <= 1.0, f"proposer.top_p must be in (0, 1], got {self.top_p}")
         _check(self.max_new_tokens > 0, "proposer.max_new_tokens must be positive")
         _check(self.batch_size > 0, "proposer.batch_size must be positive")
@@ -82,14 +92,19 @@ class RenderConfig:
 class FilterConfig:
     match_band: bool = _help("Reject renders outside the keypoint match-count band.", default=True)
     band_quantiles: tuple[float, float] = _help(
-        "Band edges as quantiles of calibration scores (see synth.filters).", default=(0.02, 0.98))
+        "Band edges as quantiles of calibration scores (see synth.filters).", default=(0.02, 0.98)
+    )
     locality: bool = _help("Reject renders that change pixels outside their mask.", default=True)
-    locality_min_inside: float = _help("Least share of the change that must lie inside the mask.",
-                                       default=0.9)
+    locality_min_inside: float = _help(
+        "Least share of the change that must lie inside the mask.", default=0.9
+    )
 
     def __post_init__(self) -> None:
         low, high = self.band_quantiles
-        _check(0.0 <= low < high <= 1.0, f"filters.band_quantiles must satisfy 0 <= low < high <= 1, got {low, high}")
+        _check(
+            0.0 <= low < high <= 1.0,
+            f"filters.band_quantiles must satisfy 0 <= low < high <= 1, got {low, high}",
+        )
         _check(0.0 < self.locality_min_inside <= 1.0, "filters.locality_min_inside must be in (0, 1]")
 
 
@@ -100,18 +115,27 @@ class EvaluatorConfig:
     pretrain_epochs: int = _help("Autoencoder pretraining epochs.", default=20)
     epochs: int = _help("Deep SAD training epochs.", default=50)
     size: int = _help("Side in pixels the evaluator sees images at (a multiple of 4).", default=128)
-    crop: int | None = _help("Train on random crops of this side (full resolution at a fraction of the "
-                             "cost); None trains on whole images.", default=64)
+    crop: int | None = _help(
+        "Train on random crops of this side (full resolution at a fraction of the "
+        "cost); None trains on whole images.",
+        default=64,
+    )
     folds: int = _help("Cross-fitting folds: no candidate is scored by a model that saw it.", default=2)
-    hard_quantile: float = _help("A kept candidate is hard when it scores below this quantile of held-out "
-                                 "normal scores.", default=0.95)
+    hard_quantile: float = _help(
+        "A kept candidate is hard when it scores below this quantile of held-out normal scores.", default=0.95
+    )
 
     def __post_init__(self) -> None:
         _check(self.name in ("deepsad-cnn",), f"evaluator.name must be deepsad-cnn, got {self.name!r}")
         _check(self.eta > 0, "evaluator.eta must be positive")
-        _check(self.size % 4 == 0 and self.size >= 16, f"evaluator.size must be a multiple of 4 >= 16, got {self.size}")
-        _check(self.crop is None or (self.crop % 4 == 0 and 16 <= self.crop <= self.size),
-               f"evaluator.crop must be None or a multiple of 4 in [16, evaluator.size], got {self.crop}")
+        _check(
+            self.size % 4 == 0 and self.size >= 16,
+            f"evaluator.size must be a multiple of 4 >= 16, got {self.size}",
+        )
+        _check(
+            self.crop is None or (self.crop % 4 == 0 and 16 <= self.crop <= self.size),
+            f"evaluator.crop must be None or a multiple of 4 in [16, evaluator.size], got {self.crop}",
+        )
         _check(self.folds >= 2, "evaluator.folds must be >= 2")
         _check(0.5 <= self.hard_quantile < 1.0, "evaluator.hard_quantile must be in [0.5, 1)")
 
@@ -161,13 +185,19 @@ class RunConfig:
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
 
     def __post_init__(self) -> None:
-        _check(self.profile in PROFILES, f"profile must be one of {', '.join(PROFILES)}, got {self.profile!r}")
+        _check(
+            self.profile in PROFILES, f"profile must be one of {', '.join(PROFILES)}, got {self.profile!r}"
+        )
         _check(self.mode in MODES, f"mode must be add or rep, got {self.mode!r}")
         _check(1 <= self.iterations <= 100, f"iterations must be in [1, 100], got {self.iterations}")
-        _check(self.proposals_per_iteration >= 2,
-               f"proposals_per_iteration must be >= 2, got {self.proposals_per_iteration}")
-        _check(bool(self.name) and "/" not in self.name and self.name not in (".", ".."),
-               f"name must be a plain folder name, got {self.name!r}")
+        _check(
+            self.proposals_per_iteration >= 2,
+            f"proposals_per_iteration must be >= 2, got {self.proposals_per_iteration}",
+        )
+        _check(
+            bool(self.name) and "/" not in self.name and self.name not in (".", ".."),
+            f"name must be a plain folder name, got {self.name!r}",
+        )
 
     @property
     def run_dir(self) -> Path:
@@ -205,7 +235,9 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         raise ConfigError(f"unknown config field {prefix}{unknown[0]} (known: {', '.join(fields)})")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
-        default = fields[name].default_factory if fields[name].default_factory is not dataclasses.MISSING else None
+        default = (
+            fields[name].default_factory if fields[name].default_factory is not dataclasses.MISSING else None
+        )
         sample = default() if default is not None else None
         if dataclasses.is_dataclass(sample):
             if not isinstance(value, dict):
@@ -230,6 +262,10 @@ def profile_defaults(profile: str) -> dict[str, Any]:
     if profile == "hub":
         return {
             "data": {"image_size": 512},
-            "proposer": {"backend": "transformers", "model": "Qwen/Qwen2.5-1.5B-Instruct", "constrained": False},
+            "proposer": {
+                "backend": "transformers",
+                "model": "Qwen/Qwen2.5-1.5B-Instruct",
+                "constrained": False,
+            },
         }
     raise ConfigError(f"profile must be one of {', '.join(PROFILES)}, got {profile!r}")

@@ -151,7 +151,9 @@ class RunDir:
             run.save_manifest()
             return run
         if manifest_path.exists():
-            raise RunError(f"run directory {path} already exists; pass --resume to continue it or pick another --name")
+            raise RunError(
+                f"run directory {path} already exists; pass --resume to continue it or pick another --name"
+            )
         manifest = {
             "config": config.to_dict(),
             "versions": package_versions(),
@@ -181,7 +183,7 @@ class RunDir:
     def stage_seconds(self, prefix: str) -> dict[str, float]:
         """Seconds of each finished stage whose key starts with ``prefix``, keyed by the rest of the key."""
         return {
-            key[len(prefix):]: entry["seconds"]
+            key[len(prefix) :]: entry["seconds"]
             for key, entry in self.manifest["stages"].items()
             if key.startswith(prefix) and entry.get("status") == "done"
         }

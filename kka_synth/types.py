@@ -102,9 +102,7 @@ class DefectSpec:
             raise SpecError("missing_field", "defect_type is empty")
 
     @classmethod
-    def from_text(
-        cls, text: str, category: str, defect_types: list[str] | None = None
-    ) -> DefectSpec:
+    def from_text(cls, text: str, category: str, defect_types: list[str] | None = None) -> DefectSpec:
         """Parse what a proposer wrote: one JSON object with the keys of :data:`SPEC_FIELDS`.
 
         ``region`` may be a name from :data:`REGIONS` or a box of four numbers. When ``defect_types`` is
@@ -147,8 +145,10 @@ class DefectSpec:
             raise SpecError("bad_region", f"region must be a name or four numbers, got {region!r}")
         for key in ("shape", "tone", "description"):
             if not isinstance(data[key], str):
-                raise SpecError(f"bad_{key}" if key != "description" else "missing_field",
-                                f"{key} must be a string, got {data[key]!r}")
+                raise SpecError(
+                    f"bad_{key}" if key != "description" else "missing_field",
+                    f"{key} must be a string, got {data[key]!r}",
+                )
         return cls(
             category=category,
             defect_type=defect_type,
@@ -178,10 +178,14 @@ class DefectSpec:
 
     def prompt(self) -> str:
         """The text handed to a diffusion model."""
-        strength = "subtle" if self.severity < 0.35 else "clearly visible" if self.severity > 0.7 else "visible"
+        strength = (
+            "subtle" if self.severity < 0.35 else "clearly visible" if self.severity > 0.7 else "visible"
+        )
         tone = {"darker": "dark", "brighter": "bright", "colour": "discoloured"}[self.tone]
         where = self.region_name() or "marked"
-        text = f"a {strength} {tone} {self.shape} ({self.defect_type}) in the {where} area of a {self.category}"
+        text = (
+            f"a {strength} {tone} {self.shape} ({self.defect_type}) in the {where} area of a {self.category}"
+        )
         if self.description:
             text += f", {self.description}"
         return text

@@ -332,7 +332,9 @@ class DeepSADEvaluator:
             total = 0.0
             for batch in self._batches(len(x_all)):
                 index = torch.from_numpy(batch)
-                x, labels = self._crop(*self._flip(x_all[index], labels_all[index]))  # (B, 3, C, C), (B, c, c)
+                x, labels = self._crop(
+                    *self._flip(x_all[index], labels_all[index])
+                )  # (B, 3, C, C), (B, c, c)
                 dist = ((self.encoder(x) - self.center[None, :, None, None]) ** 2).sum(dim=1)  # (B, G, G)
                 labels = self._label_unmasked(labels, dist.detach())
                 pull, push = labels == _NORMAL, labels == _ANOMALY  # (B, G, G)

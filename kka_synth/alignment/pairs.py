@@ -10,7 +10,11 @@ The rule, per prompt (proposals are grouped by ``Proposal.prompt``):
    is hard 2 > easy 1 > rejected 0 and a rejected completion (unparseable, unrenderable or filtered out) has
    no hardness and ranks below every kept one. Ties keep the input order.
 2. Chosen candidates are the ``pairs_per_prompt`` highest-ranked *kept* completions; rejected candidates are
-   the ``pairs_per_prompt`` lowest-ranked completions, kept or failed.
+   the ``pairs_per_prompt`` lowest-ranked completions, kept or failed. With a ``diversity_key`` (the
+   diversity guard), chosen ones are taken round-robin over the groups that key makes (for example a spec's
+   tone and shape), each group in rank order and the groups ordered by their best member, so DPO raises
+   every kind of hard defect instead of the commonest one. Without it, a proposer collapses onto a
+   shortcut within a few rounds (one tone or severity in most completions).
 3. Every chosen x rejected combination becomes a pair, except when the two texts are identical or the chosen
    one does not rank strictly above the rejected one. Exact duplicate pairs are dropped.
 4. When more than ``max_pairs`` pairs remain, ``max_pairs`` of them are drawn without replacement with
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -61,6 +65,22 @@ class _Ranked:
     text: str
     key: tuple[int, float]
     kept: bool
+    group: object = None
+
+
+def _round_robin(items: list[_Ranked], count: int) -> list[_Ranked]:
+    """Up to ``count`` items taken one per group in turn; ``items`` are in rank order."""
+    groups: dict[object, list[_Ranked]] = {}
+    for item in items:
+        groups.setdefault(item.group, []).append(item)
+    queues = list(groups.values())  # ordered by each group's best member
+    taken: list[_Ranked] = []
+    while len(taken) < count and queues:
+        queues = [queue for queue in queues if queue]
+        for queue in queues:
+            if len(taken) < count:
+                taken.append(queue.pop(0))
+    return taken
 
 
 def _rank(index: int, outcome: HasOutcome) -> tuple[int, float]:
@@ -83,7 +103,7 @@ def _pairs_for_prompt(prompt: str, ranked: list[_Ranked], pairs_per_prompt: int)
     """Pairs of one prompt's completions (see the module docstring, steps 1-3)."""
     order = sorted(range(len(ranked)), key=lambda i: ranked[i].key, reverse=True)  # stable: ties keep order
     ordered = [ranked[i] for i in order]
-    chosen = [item for item in ordered if item.kept][:pairs_per_prompt]
+    chosen = _round_robin([item for item in ordered if item.kept], pairs_per_prompt)
     rejected = ordered[-pairs_per_prompt:][::-1]  # easiest first
     pairs: list[PreferencePair] = []
     for good in chosen:
@@ -99,11 +119,13 @@ def build_pairs(
     pairs_per_prompt: int,
     max_pairs: int,
     rng: np.random.Generator,
+    diversity_key: Callable[[Proposal], object] | None = None,
 ) -> list[PreferencePair]:
     """Preference pairs from scored proposals, grouped by prompt (rule in the module docstring).
 
     Each item is ``(Proposal, outcome)``, where ``outcome`` is an :class:`Outcome` or anything with
     ``label`` and ``hardness`` (a scored ``Candidate``), or the flat ``(Proposal, label, hardness)``.
+    ``diversity_key`` maps a proposal to its group for the diversity guard (step 2).
     """
     if pairs_per_prompt < 1:
         raise PairsInputError(f"pairs_per_prompt must be >= 1, got {pairs_per_prompt}")
@@ -119,7 +141,8 @@ def build_pairs(
         proposal = item[0]
         outcome = item[1] if len(item) == 2 else Outcome(item[1], item[2])  # type: ignore[misc]
         key = _rank(index, outcome)
-        groups.setdefault(proposal.prompt, []).append(_Ranked(proposal.text, key, key[0] > 0))
+        group = diversity_key(proposal) if diversity_key is not None else None
+        groups.setdefault(proposal.prompt, []).append(_Ranked(proposal.text, key, key[0] > 0, group))
     pairs: list[PreferencePair] = []
     seen: set[PreferencePair] = set()
     for prompt, ranked in groups.items():

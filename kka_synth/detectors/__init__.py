@@ -15,7 +15,9 @@ from kka_synth.types import DetectorOutput
 
 
 class Detector(Protocol):
-    def fit(self, normal: list[np.ndarray], synthetic: list[tuple[np.ndarray, np.ndarray]] | None = None) -> None:
+    def fit(
+        self, normal: list[np.ndarray], synthetic: list[tuple[np.ndarray, np.ndarray]] | None = None
+    ) -> None:
         """Train on normal RGB images and optional (image, mask) synthetic anomalies."""
 
     def predict(self, images: list[np.ndarray]) -> DetectorOutput:

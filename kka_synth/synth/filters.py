@@ -231,7 +231,11 @@ class MatchCountBand:
         if self.keypoints == "source":
             _, render_desc = self._sift.compute(gray, keypoints)
             good = self._good(source_desc, render_desc)
-            if self.tolerance is not None and render_desc is not None and len(render_desc) == len(source_desc):
+            if (
+                self.tolerance is not None
+                and render_desc is not None
+                and len(render_desc) == len(source_desc)
+            ):
                 good &= np.linalg.norm(source_desc - render_desc, axis=1) <= self.tolerance
         else:
             _, render_desc = self._sift.detectAndCompute(gray, None)
@@ -243,7 +247,9 @@ class MatchCountBand:
         keypoints, source_desc = self.describe(image)
         if source_desc is None or len(source_desc) == 0:
             return np.zeros(0)
-        noisy = np.clip(np.rint(image + rng.normal(0.0, self.noise_sigma, image.shape)), 0, 255).astype(np.uint8)
+        noisy = np.clip(np.rint(image + rng.normal(0.0, self.noise_sigma, image.shape)), 0, 255).astype(
+            np.uint8
+        )
         _, noisy_desc = self._sift.compute(change_gray(image, noisy), keypoints)
         if noisy_desc is None or len(noisy_desc) != len(source_desc):
             return np.zeros(0)
@@ -258,7 +264,10 @@ class MatchCountBand:
         if self.keypoints == "source":
             self.tolerance = None
             distances = np.concatenate(
-                [self._noise_distances(normals[i], rng) for i in rng.permutation(len(normals))[: self.max_pairs]]
+                [
+                    self._noise_distances(normals[i], rng)
+                    for i in rng.permutation(len(normals))[: self.max_pairs]
+                ]
             )
             if len(distances):
                 self.tolerance = float(np.quantile(distances, TOLERANCE_QUANTILE))

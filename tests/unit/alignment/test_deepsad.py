@@ -125,7 +125,9 @@ def test_bad_inputs_raise_clear_errors(brick_sets: dict[str, list[np.ndarray]]) 
         DeepSADEvaluator(SMALL, size=16, top_k=17)
 
 
-def test_crop_training_scores_whole_images_at_full_resolution(brick_sets: dict[str, list[np.ndarray]]) -> None:
+def test_crop_training_scores_whole_images_at_full_resolution(
+    brick_sets: dict[str, list[np.ndarray]],
+) -> None:
     config = EvaluatorConfig(pretrain_epochs=2, epochs=2, size=64, crop=32)
     model = DeepSADEvaluator(config, seed=0, channels=(8, 16, 16))
     model.fit(brick_sets["normals"][:8], brick_sets["obvious"][:4], [None] * 4)

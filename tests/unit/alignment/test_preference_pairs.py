@@ -137,3 +137,21 @@ def test_bad_outcomes_raise_clear_errors() -> None:
         build_pairs([("A", Outcome("hard", 1.0))], 2, 8, rng)  # type: ignore[list-item]
     with pytest.raises(PairsInputError, match="max_pairs"):
         build_pairs([], 2, 0, rng)
+
+
+def test_diversity_guard_spreads_chosen_over_groups() -> None:
+    import numpy as np
+
+    from kka_synth.alignment.pairs import build_pairs
+    from kka_synth.types import Proposal
+
+    # Five hard "dark" completions outrank two hard "bright" ones; without the guard the two chosen are dark.
+    items = [(Proposal("p", f"dark{i}"), "hard", 10.0 - i) for i in range(5)]
+    items += [(Proposal("p", f"bright{i}"), "hard", 4.0 - i) for i in range(2)]
+    items += [(Proposal("p", "bad"), "rejected", None)]
+    group = lambda proposal: proposal.text.rstrip("0123456789")  # noqa: E731
+    plain = build_pairs(items, 2, 100, np.random.default_rng(0))
+    guarded = build_pairs(items, 2, 100, np.random.default_rng(0), diversity_key=group)
+    assert {p.chosen for p in plain} == {"dark0", "dark1"}
+    assert {p.chosen for p in guarded} == {"dark0", "bright0"}
+    assert all(p.rejected != p.chosen for p in guarded)

@@ -22,7 +22,12 @@ def test_entropy_by_hand():
 
 
 def test_field_entropy_and_spec_key():
-    specs = [_spec("crack", "darker"), _spec("blob", "darker"), _spec("crack", "brighter"), _spec("blob", "brighter")]
+    specs = [
+        _spec("crack", "darker"),
+        _spec("blob", "darker"),
+        _spec("crack", "brighter"),
+        _spec("blob", "brighter"),
+    ]
     ent = field_entropy(specs)
     assert ent["shape"] == 1.0 and ent["tone"] == 1.0 and ent["defect_type"] == 0.0
     assert len({spec_key(s) for s in specs}) == 4

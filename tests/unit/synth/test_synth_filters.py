@@ -209,7 +209,11 @@ def test_calibrated_band_tells_a_faint_local_defect_from_a_noisy_copy():
     from kka_synth.types import REGIONS, DefectSpec
 
     gray = skdata.brick()
-    crops = [np.repeat(gray[y : y + 128, x : x + 128, None], 3, axis=2) for y in (0, 200, 380) for x in (0, 190, 380)]
+    crops = [
+        np.repeat(gray[y : y + 128, x : x + 128, None], 3, axis=2)
+        for y in (0, 200, 380)
+        for x in (0, 190, 380)
+    ]
     band = MatchCountBand().calibrate(crops, np.random.default_rng(0))
     assert band.tolerance is not None and band.tolerance > 0
     source = crops[0]

@@ -1,0 +1,250 @@
+"""The ``kka-synth`` command. The only place that configures logging and draws progress bars."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from kka_synth.config import DATASETS, MODES, PROFILES, ConfigError, RunConfig, profile_defaults
+
+logger = logging.getLogger("kka_synth")
+
+RUN_HELP = """\
+Run the KKA loop: a proposer writes defect specs, renderers draw them on normal images, filters drop failed
+renders, Deep SAD scores how hard (close to normal) each kept defect is, and DPO steers the proposer toward
+hard ones. Each iteration's images, masks, candidates.parquet and stats.json land in OUT/NAME/iterations/K/;
+the curated hard set lands in OUT/NAME/curated/ in MVTec AD layout.
+
+examples:
+  kka-synth run --dataset demo --iterations 3
+  kka-synth run --dataset mvtec_ad --data-root ~/data/mvtec --category bottle --profile hub
+  kka-synth run --dataset demo --name demo --resume          continue a killed run where it stopped
+
+Settings come from the profile, then --config run.yaml, then the flags here (last wins).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kka-synth",
+        description="Hard, realistic synthetic defects for visual anomaly detection (the KKA loop).",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="More log output (-v info, -vv debug)."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = commands.add_parser(
+        "run",
+        help="Run the KKA loop on a dataset.",
+        description=RUN_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("--dataset", choices=DATASETS, help="Dataset layout; demo is built in (default: demo).")
+    run.add_argument("--data-root", metavar="P", help="Folder that holds the dataset (not needed for demo).")
+    run.add_argument(
+        "--category",
+        action="append",
+        metavar="C",
+        help="A category to use; repeat for several (default: all).",
+    )
+    run.add_argument("--iterations", type=int, metavar="N", help="KKA iterations (default: 3).")
+    run.add_argument(
+        "--proposals-per-iteration",
+        type=int,
+        metavar="N",
+        help="Specs proposed per category per iteration (default: 64).",
+    )
+    run.add_argument(
+        "--profile",
+        choices=PROFILES,
+        help="offline: CPU, compact local models, no downloads (default). hub: pretrained weights.",
+    )
+    run.add_argument("--mode", choices=MODES, help="Curation: add = union of hard sets, rep = last hard set.")
+    run.add_argument("--out", metavar="DIR", help="Folder for run directories (default: runs).")
+    run.add_argument("--name", help="Run name, the folder under --out (default: the dataset name).")
+    run.add_argument("--seed", type=int, metavar="S", help="Seed of every random choice (default: 0).")
+    run.add_argument("--no-dpo", action="store_true", help="Skip DPO rounds (the no-DPO control).")
+    run.add_argument("--resume", action="store_true", help="Continue OUT/NAME from its last finished stage.")
+    run.add_argument("--config", metavar="run.yaml", help="A YAML file of RunConfig fields.")
+    run.add_argument("--no-progress", action="store_true", help="No progress bars.")
+    return parser
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """Profile defaults, then the config file, then the flags."""
+    file_data: dict[str, Any] = RunConfig.from_yaml(args.config).to_dict() if args.config else {}
+    profile = args.profile or file_data.get("profile", "offline")
+    data = _merge(profile_defaults(profile), file_data)
+    flags: dict[str, Any] = {"profile": profile}
+    section: dict[str, Any] = {}
+    if args.dataset:
+        section["dataset"] = args.dataset
+    if args.data_root:
+        section["root"] = args.data_root
+    if args.category:
+        section["categories"] = args.category
+    if section:
+        flags["data"] = section
+    for flag, key in (
+        ("iterations", "iterations"),
+        ("proposals_per_iteration", "proposals_per_iteration"),
+        ("mode", "mode"),
+        ("out", "out"),
+        ("seed", "seed"),
+        ("name", "name"),
+    ):
+        if getattr(args, flag) is not None:
+            flags[key] = getattr(args, flag)
+    if args.no_dpo:
+        flags["alignment"] = {"enabled": False}
+    data = _merge(data, flags)
+    if args.name is None and not args.config:
+        data["name"] = data.get("data", {}).get("dataset", "demo")
+    return RunConfig.from_dict(data)
+
+
+def _progress_bars(enabled: bool):  # noqa: ANN202 - returns a context manager and a callback
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bars = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        disable=not enabled,
+        transient=False,
+    )
+    tasks: dict[str, int] = {}
+
+    def update(task: str, done: int, total: int) -> None:
+        if task not in tasks:
+            tasks[task] = bars.add_task(task, total=total)
+        bars.update(tasks[task], completed=done, total=total)
+
+    return bars, update
+
+
+def _summary(stats: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="KKA iterations")
+    for column in (
+        "iter",
+        "proposals",
+        "parse fail",
+        "render fail",
+        "filtered",
+        "kept",
+        "hard share",
+        "hard (judge)",
+        "mean hardness",
+        "distinct-2",
+        "distinct specs",
+        "DPO margin",
+        "seconds",
+    ):
+        table.add_column(column, justify="right")
+
+    def fmt(value: Any, spec: str = ".2f") -> str:
+        return "-" if value is None else format(value, spec)
+
+    for s in stats:
+        dpo = s["dpo"]
+        margin = (
+            "-"
+            if dpo.get("margin_after") is None
+            else f"{dpo['margin_before']:.2f}→{dpo['margin_after']:.2f}"
+        )
+        table.add_row(
+            str(s["iteration"]),
+            str(s["proposals"]),
+            str(s["parse_failures"]),
+            str(s["render_failures"]),
+            str(s["filtered"]),
+            str(s["kept"]),
+            fmt(s["hard_share"]),
+            fmt(s["hard_share_judge"]),
+            fmt(s["mean_hardness"]),
+            fmt(s["distinct_2"]),
+            str(s["distinct_specs"]),
+            margin,
+            f"{sum(s['seconds'].values()):.0f}",
+        )
+    console = Console()
+    if not console.is_terminal:
+        console.width = 160  # a log file or pipe: no terminal width to fit, keep the columns whole
+    console.print(table)
+
+
+def _bad_input_errors() -> tuple[type[BaseException], ...]:
+    from kka_synth.data import DataError
+    from kka_synth.runs import RunError
+
+    return (ConfigError, DataError, RunError, ImportError, FileNotFoundError)
+
+
+def _quiet_libraries(verbose: int) -> None:
+    """Keep the libraries' own progress bars and notices out of the run's output unless asked for."""
+    import os
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if verbose:
+        return
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="trl")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_libraries(args.verbose)
+    try:
+        if args.command == "run":
+            return _run(args)
+    except _bad_input_errors() as error:
+        print(f"kka-synth: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kka-synth: interrupted; continue with the same command and --resume", file=sys.stderr)
+        return 130
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from kka_synth.loop import run_loop
+
+    config = config_from_args(args)
+    bars, update = _progress_bars(enabled=not args.no_progress and sys.stderr.isatty())
+    with bars:
+        stats = run_loop(config, resume=args.resume, progress=update)
+    _summary(stats)
+    print(f"run directory: {config.run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

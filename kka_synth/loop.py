@@ -1,0 +1,503 @@
+"""The KKA loop, stage by stage and resumable.
+
+One iteration (KKA, "Improving Vision Anomaly Detection through Anomaly-related Knowledge from LLMs",
+arXiv 2502.14880, with the render filters of arXiv 2512.23227)::
+
+    propose   the proposer writes defect specs per category            -> proposals.jsonl
+    render    each spec is drawn on a normal image, filters judge it   -> images/, masks/, candidates.parquet
+    evaluate  Deep SAD, refit on this iteration, scores hardness       -> candidates.parquet (hardness, label)
+    align     preference pairs per prompt, DPO with a LoRA adapter     -> pairs.jsonl, adapters/<k>/
+    stats     counts, hard share, diversity, seconds per stage         -> stats.json
+
+Before the first iteration, ``prepare`` calibrates the match-count band per category and fits a fixed judge
+(a Deep SAD trained once on normals and rule-based Perlin anomalies, never refit): the refit evaluator moves
+with the data it sees, so the hard share is also reported under the judge, whose goalposts stay put.
+After the last iteration the curated set is written in MVTec AD layout: KKA's ``add`` mode keeps the union of
+every iteration's hard set, ``rep`` keeps the last one.
+
+Every stage is written atomically and marked done in the manifest; a resumed run skips finished stages,
+reloads what they wrote and redoes only the stage that was cut off. Every random choice draws from a
+generator seeded by (run seed, iteration, stage, category), so a redone stage repeats itself exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kka_synth.agents import ProposalContext, build_proposer
+from kka_synth.alignment.hardness import JudgeEvaluator, cross_fit_hardness
+from kka_synth.alignment.pairs import build_pairs
+from kka_synth.config import RunConfig
+from kka_synth.data import DataError, load_rgb, load_samples, save_mask, save_rgb
+from kka_synth.data import load_mask as read_mask
+from kka_synth.eval.diversity import distinct_n, field_entropy, spec_key
+from kka_synth.prompts.knowledge import load_knowledge
+from kka_synth.runs import (
+    RunDir,
+    atomic_dir,
+    atomic_write_json,
+    read_jsonl,
+    read_parquet,
+    write_jsonl,
+    write_parquet,
+)
+from kka_synth.synth import RENDERERS, RenderError, apply_filters, build_filters
+from kka_synth.synth.filters import MatchCountBand
+from kka_synth.types import Candidate, DefectSpec, Proposal
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+"""Called as ``progress(task, done, total)``; the CLI draws bars from it."""
+
+STAGES = ("propose", "render", "evaluate", "align")
+MIN_NORMALS = 8
+"""Fewest normal training images a category needs: some fit the models, some are held out to calibrate."""
+_STAGE_INDEX = {name: i for i, name in enumerate(("prepare", *STAGES, "judge"))}
+
+
+def _silent(task: str, done: int, total: int) -> None:
+    return None
+
+
+@dataclass
+class CategoryData:
+    """A category's normal images at the loop's size: ``fit`` trains models, ``holdout`` calibrates them."""
+
+    name: str
+    fit: list[np.ndarray]
+    fit_ids: list[str]
+    holdout: list[np.ndarray]
+    knowledge: Any
+    band: MatchCountBand | None = None
+    judge: JudgeEvaluator | None = None
+
+
+@dataclass
+class IterationResult:
+    iteration: int
+    stats: dict[str, Any]
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+
+
+class KKALoop:
+    """Runs a configured KKA loop in a run directory."""
+
+    def __init__(self, run: RunDir, progress: Progress | None = None):
+        self.run = run
+        self.config: RunConfig = run.config
+        self.progress = progress or _silent
+        self.categories: dict[str, CategoryData] = {}
+        self.proposer: Any = None
+
+    # helpers -----------------------------------------------------------------------------------------
+    def _rng(self, iteration: int, stage: str, *extra: int) -> np.random.Generator:
+        return np.random.default_rng([self.config.seed, iteration, _STAGE_INDEX[stage], *extra])
+
+    def _seed(self, iteration: int, stage: str, *extra: int) -> int:
+        return int(self._rng(iteration, stage, *extra).integers(2**31 - 1))
+
+    # prepare -----------------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Load normals, build the proposer, calibrate the filters and fit the fixed judges.
+
+        Each is cheap to redo or reloaded from the run directory, so a resumed run calls this again.
+        """
+        cfg = self.config
+        started = time.perf_counter()
+        samples = load_samples(cfg.data.dataset, cfg.data.root, cfg.data.categories or None)
+        names = sorted({s.category for s in samples})
+        calibration_path = self.run.path / "calibration.json"
+        calibration = {}
+        if calibration_path.is_file():
+            calibration = json.loads(calibration_path.read_text())
+        for index, name in enumerate(names):
+            good = sorted(
+                (s for s in samples if s.category == name and s.split == "train" and s.label == 0),
+                key=lambda s: str(s.image_path),
+            )
+            if len(good) < MIN_NORMALS:
+                raise DataError(
+                    f"category {name!r} has {len(good)} normal training images; "
+                    f"at least {MIN_NORMALS} are needed"
+                )
+            order = self._rng(0, "prepare", index).permutation(len(good))
+            n_hold = max(2, round(len(good) * cfg.data.holdout))
+            hold = [good[i] for i in order[:n_hold]]
+            fit = [good[i] for i in sorted(order[n_hold:])]
+            self.progress(f"loading {name}", 0, len(good))
+            data = CategoryData(
+                name=name,
+                fit=[load_rgb(s.image_path, cfg.data.image_size) for s in fit],
+                fit_ids=[f"{name}/{Path(s.image_path).stem}" for s in fit],
+                holdout=[load_rgb(s.image_path, cfg.data.image_size) for s in hold],
+                knowledge=load_knowledge(name, None if cfg.data.dataset == "folder" else cfg.data.dataset),
+            )
+            self.progress(f"loading {name}", len(good), len(good))
+            self.categories[name] = data
+        self.proposer = build_proposer(cfg.proposer, seed=cfg.seed)
+        for k in range(1, cfg.iterations + 1):
+            if (
+                self.run.stage_done(f"{k}/align")
+                and (self.run.adapter_dir(k) / "adapter_config.json").is_file()
+            ):
+                self.proposer.apply_adapter(self.run.adapter_dir(k))
+        for index, (name, data) in enumerate(self.categories.items()):
+            if cfg.filters.match_band:
+                if name in calibration:
+                    data.band = MatchCountBand.from_dict(calibration[name])
+                else:
+                    data.band = MatchCountBand(quantiles=cfg.filters.band_quantiles)
+                    data.band.calibrate(data.fit + data.holdout, self._rng(0, "prepare", index, 1))
+                    calibration[name] = data.band.to_dict()
+        atomic_write_json(calibration_path, calibration)
+        self._prepare_judges()
+        if not self.run.stage_done("prepare"):
+            self.run.mark_done("prepare", time.perf_counter() - started, categories=names)
+
+    def _prepare_judges(self) -> None:
+        perlin = RENDERERS["perlin"]()
+        for index, (name, data) in enumerate(self.categories.items()):
+            folder = self.run.path / "judges" / name
+            if (folder / "judge.json").is_file():
+                data.judge = JudgeEvaluator.load(folder)
+                continue
+            rng = self._rng(0, "judge", index)
+            images, masks = [], []
+            types = list(data.knowledge.defect_types)
+            for i in range(len(data.fit)):
+                spec = _random_spec(name, types, rng)
+                try:
+                    image, mask = perlin.render(data.fit[i], spec, rng)
+                except RenderError:
+                    continue
+                images.append(image)
+                masks.append(mask)
+            self.progress(f"fitting judge for {name}", 0, 1)
+            judge = JudgeEvaluator(self.config.evaluator, seed=self._seed(0, "judge", index))
+            judge.fit(data.fit, images, masks, data.holdout)
+            with atomic_dir(folder) as tmp:
+                judge.save(tmp)
+            data.judge = judge
+            self.progress(f"fitting judge for {name}", 1, 1)
+
+    # one iteration -----------------------------------------------------------------------------------
+    def iterate(self, k: int) -> IterationResult:
+        folder = self.run.iteration_dir(k)
+        if self.run.stage_done(f"{k}/stats"):
+            return IterationResult(k, json.loads((folder / "stats.json").read_text()))
+        seconds: dict[str, float] = dict(self.run.stage_seconds(f"{k}/"))
+        for stage in STAGES:
+            if self.run.stage_done(f"{k}/{stage}"):
+                continue
+            started = time.perf_counter()
+            info = getattr(self, f"_{stage}")(k, folder) or {}
+            seconds[stage] = time.perf_counter() - started
+            self.run.mark_done(f"{k}/{stage}", seconds[stage], **info)
+        stats = self._stats(k, folder, seconds)
+        atomic_write_json(folder / "stats.json", stats)
+        self.run.mark_done(f"{k}/stats", 0.0)
+        return IterationResult(k, stats, read_candidates(folder))
+
+    def _propose(self, k: int, folder: Path) -> dict[str, Any]:
+        rows = []
+        examples = self._hard_examples(k)
+        for index, (name, data) in enumerate(self.categories.items()):
+            context = ProposalContext(
+                category=name, knowledge=data.knowledge, examples=examples.get(name, [])
+            )
+            self.progress(f"iteration {k}: proposing ({name})", 0, 1)
+            proposals = self.proposer.propose(
+                context, self.config.proposals_per_iteration, seed=self._seed(k, "propose", index)
+            )
+            rows.extend({"category": name, **p.to_dict()} for p in proposals)
+            self.progress(f"iteration {k}: proposing ({name})", 1, 1)
+        write_jsonl(folder / "proposals.jsonl", rows)
+        return {"proposals": len(rows)}
+
+    def _hard_examples(self, k: int) -> dict[str, list[str]]:
+        """Texts of earlier hard candidates per category (few-shot context for proposers that use it)."""
+        examples: dict[str, list[str]] = {}
+        for j in range(1, k):
+            path = self.run.iteration_dir(j) / "candidates.parquet"
+            if path.is_file():
+                for row in read_candidates(path.parent):
+                    if row["label"] == "hard":
+                        examples.setdefault(row["category"], []).append(row["text"])
+        return examples
+
+    def _render(self, k: int, folder: Path) -> dict[str, Any]:
+        rows = read_jsonl(folder / "proposals.jsonl")
+        renderers = [(name, RENDERERS[name]()) for name in self.config.render.renderers]
+        filters = {
+            name: build_filters(self.config.filters, band=data.band) for name, data in self.categories.items()
+        }
+        cat_index = {name: i for i, name in enumerate(self.categories)}
+        out = []
+        for i, row in enumerate(rows):
+            self.progress(f"iteration {k}: rendering", i, len(rows))
+            name = row["category"]
+            data = self.categories[name]
+            proposal = Proposal.from_dict({key: row[key] for key in ("prompt", "text", "spec", "error")})
+            cid = f"{k}-{name}-{i:04d}"
+            rng = self._rng(k, "render", cat_index[name], i)
+            source = int(rng.integers(len(data.fit)))
+            record = {
+                "id": cid,
+                "iteration": k,
+                "category": name,
+                "prompt": proposal.prompt,
+                "text": proposal.text,
+                "spec": None if proposal.spec is None else proposal.spec.to_dict(),
+                "source_id": data.fit_ids[source],
+                "renderer": "",
+                "image": None,
+                "mask": None,
+                "verdicts": {},
+                "hardness": None,
+                "hardness_judge": None,
+                "label": "rejected",
+                "label_judge": None,
+                "reason": "",
+            }
+            if proposal.spec is None:
+                record["reason"] = f"parse:{proposal.error}"
+                out.append(record)
+                continue
+            image = mask = None
+            for rname, renderer in renderers:
+                try:
+                    image, mask = renderer.render(data.fit[source], proposal.spec, rng)
+                    record["renderer"] = rname
+                    break
+                except RenderError as error:
+                    record["reason"] = f"render:{error.reason}"
+            if image is None:
+                out.append(record)
+                continue
+            candidate = Candidate(cid, k, proposal, data.fit_ids[source], image, mask, record["renderer"])
+            verdicts = apply_filters(filters[name], data.fit[source], candidate)
+            record["verdicts"] = {
+                n: {"ok": v.ok, "score": float(v.score), "reason": v.reason} for n, v in verdicts.items()
+            }
+            failed = [f"filter:{n}:{v.reason}" for n, v in verdicts.items() if not v.ok]
+            record["label"], record["reason"] = ("rejected", failed[0]) if failed else ("pending", "")
+            record["image"] = f"images/{cid}.png"
+            record["mask"] = f"masks/{cid}.png"
+            save_rgb(folder / record["image"], image)
+            save_mask(folder / record["mask"], mask)
+            out.append(record)
+        self.progress(f"iteration {k}: rendering", len(rows), len(rows))
+        _write_candidates(folder, out)
+        return {"rendered": sum(r["image"] is not None for r in out)}
+
+    def _evaluate(self, k: int, folder: Path) -> dict[str, Any]:
+        rows = read_candidates(folder)
+        for index, (name, data) in enumerate(self.categories.items()):
+            kept = [r for r in rows if r["category"] == name and r["label"] != "rejected"]
+            if not kept:
+                continue
+            self.progress(f"iteration {k}: scoring hardness ({name})", 0, 1)
+            images = [load_rgb(folder / r["image"]) for r in kept]
+            masks = [read_mask(folder / r["mask"]) for r in kept]
+            result = cross_fit_hardness(
+                data.fit,
+                data.holdout,
+                images,
+                masks,
+                self.config.evaluator,
+                seed=self._seed(k, "evaluate", index),
+            )
+            judged = data.judge.hardness(images)
+            for r, h, hard, hj, hard_j in zip(
+                kept, result.hardness, result.hard, judged.hardness, judged.hard, strict=True
+            ):
+                r["hardness"], r["label"] = float(h), "hard" if hard else "easy"
+                r["hardness_judge"], r["label_judge"] = float(hj), "hard" if hard_j else "easy"
+            self.progress(f"iteration {k}: scoring hardness ({name})", 1, 1)
+        _write_candidates(folder, rows)
+        return {"scored": sum(r["hardness"] is not None for r in rows)}
+
+    def _align(self, k: int, folder: Path) -> dict[str, Any]:
+        rows = read_candidates(folder)
+        items = []
+        for r in rows:
+            spec = None if r["spec"] is None else DefectSpec.from_dict(r["spec"])
+            items.append((Proposal(prompt=r["prompt"], text=r["text"], spec=spec), r["label"], r["hardness"]))
+        pairs = build_pairs(
+            items,
+            self.config.alignment.pairs_per_prompt,
+            self.config.alignment.max_pairs,
+            self._rng(k, "align"),
+            diversity_key=_diversity_key,
+        )
+        write_jsonl(folder / "pairs.jsonl", [p.__dict__ for p in pairs])
+        info: dict[str, Any] = {"pairs": len(pairs)}
+        if not self.config.alignment.enabled or not pairs:
+            if self.config.alignment.enabled:
+                logger.warning("iteration %d: no preference pairs, so no DPO round", k)
+            return info
+        from kka_synth.alignment.dpo import train_dpo
+
+        self.progress(f"iteration {k}: DPO", 0, 1)
+        with atomic_dir(self.run.adapter_dir(k)) as tmp:
+            result = train_dpo(
+                self.proposer.model,
+                self.proposer.tokenizer,
+                pairs,
+                self.config.alignment,
+                tmp,
+                seed=self._seed(k, "align"),
+            )
+        self.proposer.model = result.model
+        self.progress(f"iteration {k}: DPO", 1, 1)
+        info.update(
+            steps=result.steps,
+            margin_before=result.margin_before,
+            margin_after=result.margin_after,
+            loss=float(np.mean(result.train_loss)) if len(result.train_loss) else None,
+        )
+        return info
+
+    # stats and curation ------------------------------------------------------------------------------
+    def _stats(self, k: int, folder: Path, seconds: dict[str, float]) -> dict[str, Any]:
+        rows = read_candidates(folder)
+        specs = [DefectSpec.from_dict(r["spec"]) for r in rows if r["spec"] is not None]
+        kept = [r for r in rows if r["label"] in ("hard", "easy")]
+        hard = [r for r in kept if r["label"] == "hard"]
+        reasons = Counter(r["reason"] for r in rows if r["label"] == "rejected")
+        align = self.run.manifest["stages"].get(f"{k}/align", {})
+        per_category = {}
+        for name in self.categories:
+            ck = [r for r in kept if r["category"] == name]
+            per_category[name] = {
+                "kept": len(ck),
+                "hard_share": _share(ck, "label"),
+                "hard_share_judge": _share(ck, "label_judge"),
+            }
+        return {
+            "iteration": k,
+            "proposals": len(rows),
+            "parse_failures": sum(v for r, v in reasons.items() if r.startswith("parse:")),
+            "render_failures": sum(v for r, v in reasons.items() if r.startswith("render:")),
+            "filtered": sum(v for r, v in reasons.items() if r.startswith("filter:")),
+            "rejections": dict(sorted(reasons.items())),
+            "kept": len(kept),
+            "hard": len(hard),
+            "hard_share": _share(kept, "label"),
+            "hard_share_judge": _share(kept, "label_judge"),
+            "mean_hardness": float(np.mean([r["hardness"] for r in kept])) if kept else None,
+            "mean_hardness_judge": float(np.mean([r["hardness_judge"] for r in kept])) if kept else None,
+            "distinct_2": distinct_n((r["text"] for r in rows), 2),
+            "distinct_specs": len({spec_key(s) for s in specs}),
+            "field_entropy": field_entropy(specs),
+            "per_category": per_category,
+            "dpo": {
+                key: align.get(key) for key in ("pairs", "steps", "margin_before", "margin_after", "loss")
+            },
+            "seconds": {stage: round(seconds.get(stage, 0.0), 3) for stage in STAGES},
+        }
+
+    def curate(self) -> dict[str, int]:
+        """Write the curated hard set in MVTec AD layout (``add`` or ``rep`` mode) and an index."""
+        iterations = range(1, self.config.iterations + 1)
+        if self.config.mode == "rep":
+            iterations = range(self.config.iterations, self.config.iterations + 1)
+        index = []
+        with atomic_dir(self.run.curated_dir) as tmp:
+            for k in iterations:
+                folder = self.run.iteration_dir(k)
+                for r in read_candidates(folder):
+                    if r["label"] != "hard":
+                        continue
+                    defect = r["spec"]["defect_type"]
+                    image = tmp / r["category"] / "test" / defect / f"{r['id']}.png"
+                    mask = tmp / r["category"] / "ground_truth" / defect / f"{r['id']}_mask.png"
+                    save_rgb(image, load_rgb(folder / r["image"]))
+                    save_mask(mask, read_mask(folder / r["mask"]))
+                    index.append(
+                        {
+                            "id": r["id"],
+                            "iteration": k,
+                            "category": r["category"],
+                            "defect_type": defect,
+                            "image": str(image.relative_to(tmp)),
+                            "mask": str(mask.relative_to(tmp)),
+                            "hardness": r["hardness"],
+                            "text": r["text"],
+                        }
+                    )
+            write_jsonl(tmp / "index.jsonl", index)
+        counts = Counter(row["category"] for row in index)
+        self.run.mark_done("curate", 0.0, mode=self.config.mode, counts=dict(counts))
+        return dict(counts)
+
+
+def _share(rows: list[dict[str, Any]], key: str) -> float | None:
+    labelled = [r for r in rows if r.get(key) is not None]
+    return sum(r[key] == "hard" for r in labelled) / len(labelled) if labelled else None
+
+
+def _diversity_key(proposal: Proposal) -> object:
+    """The diversity guard's groups: a spec's tone and shape (see alignment.pairs)."""
+    return None if proposal.spec is None else (proposal.spec.tone, proposal.spec.shape)
+
+
+def read_candidates(folder: Path) -> list[dict[str, Any]]:
+    """An iteration's candidate rows, with ``spec`` and ``verdicts`` decoded from their JSON columns."""
+    rows = read_parquet(folder / "candidates.parquet")
+    for r in rows:
+        r["spec"] = None if r["spec"] is None else json.loads(r["spec"])
+        r["verdicts"] = json.loads(r["verdicts"])
+    return rows
+
+
+def _write_candidates(folder: Path, rows: list[dict[str, Any]]) -> None:
+    table = [
+        {
+            **r,
+            "spec": None if r["spec"] is None else json.dumps(r["spec"]),
+            "verdicts": json.dumps(r["verdicts"]),
+        }
+        for r in rows
+    ]
+    write_parquet(folder / "candidates.parquet", table)
+
+
+def _random_spec(category: str, types: list[str], rng: np.random.Generator) -> DefectSpec:
+    from kka_synth.types import REGIONS, SHAPES, TONES
+
+    return DefectSpec(
+        category=category,
+        defect_type=str(rng.choice(types)),
+        description="",
+        region=REGIONS[str(rng.choice(list(REGIONS)))],
+        size=float(rng.choice([0.01, 0.02, 0.05, 0.1])),
+        shape=str(rng.choice(SHAPES)),
+        tone=str(rng.choice(TONES)),
+        severity=float(rng.uniform(0.3, 1.0)),
+    )
+
+
+def run_loop(
+    config: RunConfig, resume: bool = False, progress: Progress | None = None
+) -> list[dict[str, Any]]:
+    """Run (or resume) the whole loop and curate; returns each iteration's stats."""
+    run = RunDir.open(config, resume=resume)
+    loop = KKALoop(run, progress)
+    loop.prepare()
+    stats = [loop.iterate(k).stats for k in range(1, loop.config.iterations + 1)]
+    loop.curate()
+    return stats
+
+
+__all__ = ["KKALoop", "IterationResult", "Progress", "read_candidates", "run_loop"]

@@ -1,0 +1,126 @@
+"""The CLI end to end on the built-in demo, with tiny settings so it runs in well under a minute."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from kka_synth.cli import main
+from kka_synth.loop import KKALoop, read_candidates
+
+TINY = {
+    "iterations": 2,
+    "proposals_per_iteration": 12,
+    "data": {"dataset": "demo", "image_size": 64},
+    "proposer": {"pretrain_steps": 150},
+    "evaluator": {"pretrain_epochs": 1, "epochs": 2, "size": 64, "crop": 32},
+    "alignment": {
+        "pairs_per_prompt": 4,
+        "max_pairs": 16,
+        "dpo": {"num_train_epochs": 1, "per_device_train_batch_size": 4},
+    },
+}
+
+
+def _config(tmp_path: Path, name: str, **overrides) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "name": name, "out": str(tmp_path / "runs"), **overrides}))
+    return path
+
+
+def _run(config: Path, *flags: str) -> int:
+    return main(["run", "--config", str(config), "--no-progress", *flags])
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp_path = tmp_path_factory.mktemp("cli")
+    assert _run(_config(tmp_path, "full")) == 0
+    return tmp_path / "runs" / "full"
+
+
+def test_run_leaves_a_complete_run_directory(finished_run: Path):
+    manifest = json.loads((finished_run / "manifest.json").read_text())
+    assert manifest["config"]["iterations"] == 2
+    for k in (1, 2):
+        folder = finished_run / "iterations" / str(k)
+        stats = json.loads((folder / "stats.json").read_text())
+        assert stats["proposals"] == 12 * 2  # two demo categories
+        assert 0 < stats["kept"] <= stats["proposals"]
+        assert stats["hard"] + sum(stats["rejections"].values()) <= stats["proposals"]
+        assert 0.0 <= stats["distinct_2"] <= 1.0 and stats["field_entropy"]["shape"] >= 0.0
+        rows = read_candidates(folder)
+        kept = [r for r in rows if r["label"] in ("hard", "easy")]
+        assert kept and all(r["hardness"] is not None for r in kept)
+        for r in kept[:5]:
+            mask = np.asarray(Image.open(folder / r["mask"])) > 0
+            image = np.asarray(Image.open(folder / r["image"]))
+            assert mask.any() and image.shape[:2] == mask.shape and image.dtype == np.uint8
+        assert all(r["reason"] for r in rows if r["label"] == "rejected")
+        assert (finished_run / "adapters" / str(k) / "adapter_config.json").is_file()
+    assert (finished_run / "curated" / "index.jsonl").is_file()
+
+
+def test_resume_after_a_kill_loses_nothing(
+    tmp_path: Path, finished_run: Path, monkeypatch: pytest.MonkeyPatch
+):
+    config = _config(tmp_path, "killed")
+    original = KKALoop._render
+    calls = {"n": 0}
+
+    def render_then_die(self, k, folder):
+        calls["n"] += 1
+        if k == 2:
+            raise KeyboardInterrupt  # a kill in the middle of iteration 2
+        return original(self, k, folder)
+
+    monkeypatch.setattr(KKALoop, "_render", render_then_die)
+    assert _run(config) == 130
+    run = tmp_path / "runs" / "killed"
+    first = (run / "iterations" / "1" / "candidates.parquet").read_bytes()
+    monkeypatch.setattr(KKALoop, "_render", original)
+    assert _run(config, "--resume") == 0
+    assert (run / "iterations" / "1" / "candidates.parquet").read_bytes() == first
+    for k in (1, 2):
+        resumed = read_candidates(run / "iterations" / str(k))
+        straight = read_candidates(finished_run / "iterations" / str(k))
+        assert [r["text"] for r in resumed] == [r["text"] for r in straight]
+        assert [r["label"] for r in resumed] == [r["label"] for r in straight]
+
+
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path: Path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "kka_synth.cli",
+        "run",
+        "--dataset",
+        "mvtec_ad",
+        "--data-root",
+        str(tmp_path / "missing"),
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "missing" in result.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("iterations: 0\n")
+    assert main(["run", "--config", str(bad), "--no-progress"]) == 2
+
+
+def test_help_teaches():
+    result = subprocess.run(
+        [sys.executable, "-m", "kka_synth.cli", "run", "--help"], capture_output=True, text=True
+    )
+    assert result.returncode == 0
+    assert "--resume" in result.stdout and "examples:" in result.stdout
