@@ -5,6 +5,10 @@ count when the cache is cold) and prints wall time, peak resident memory, and pe
 under the refit evaluator and under the fixed judge, distinct-2, distinct specs and field entropy. With
 --control it also runs the no-DPO control for each seed, to show what DPO adds.
 
+An iteration's hard share rests on about 100 kept candidates, so it moves by several points with sampling
+alone. --judge-samples N therefore also measures each proposer state of a run (the base model, then after
+each adapter) on N fresh proposals per category, rendered, filtered and scored by the run's fixed judge.
+
     python benchmarks/bench_loop.py --seeds 0 1 2 --control
     python benchmarks/bench_loop.py --cold --seeds 0     # first use: demo build and proposer pretraining
 """
@@ -55,6 +59,50 @@ def one(seed: int, out: Path, extra: list[str]) -> dict:
     return {"name": name, "wall_s": wall, "peak_rss_mb": int(rss_file.read_text()) / 1024, "stats": stats}
 
 
+def judge_curve(run_dir: Path, samples: int, seed: int = 12345) -> list[float]:
+    """Hard share under the fixed judge of ``samples`` fresh proposals per category, per proposer state."""
+    import numpy as np
+
+    from kka_synth.agents import ProposalContext, build_proposer
+    from kka_synth.loop import KKALoop
+    from kka_synth.runs import RunDir
+    from kka_synth.synth import RENDERERS, RenderError, apply_filters, build_filters
+    from kka_synth.types import Candidate
+
+    loop = KKALoop(RunDir(run_dir, json.loads((run_dir / "manifest.json").read_text())))
+    loop.prepare()
+    config = loop.config
+    proposer = build_proposer(config.proposer, seed=config.seed)  # the base model, before any adapter
+    renderer = RENDERERS[config.render.renderers[0]]()
+    shares = []
+    for k in range(config.iterations + 1):
+        if k > 0 and (loop.run.adapter_dir(k) / "adapter_config.json").is_file():
+            proposer.apply_adapter(loop.run.adapter_dir(k))
+        hard = kept = 0
+        for index, (name, data) in enumerate(loop.categories.items()):
+            rng = np.random.default_rng([seed, index])
+            context = ProposalContext(category=name, knowledge=data.knowledge)
+            filters = build_filters(config.filters, band=data.band)
+            images = []
+            for i, proposal in enumerate(proposer.propose(context, samples, seed=seed + index)):
+                if proposal.spec is None:
+                    continue
+                source = data.fit[int(rng.integers(len(data.fit)))]
+                try:
+                    image, mask = renderer.render(source, proposal.spec, rng)
+                except RenderError:
+                    continue
+                candidate = Candidate(str(i), k, proposal, "", image, mask, renderer.name)
+                if all(v.ok for v in apply_filters(filters, source, candidate).values()):
+                    images.append(image)
+            if images:
+                result = data.judge.hardness(images)
+                hard += int(np.sum(result.hard))
+                kept += len(images)
+        shares.append(hard / kept if kept else float("nan"))
+    return shares
+
+
 def show(result: dict) -> None:
     print(f"\n{result['name']}: wall {result['wall_s']:.1f} s, peak RSS {result['peak_rss_mb']:.0f} MB")
     print(
@@ -78,6 +126,13 @@ def main() -> None:
     parser.add_argument("--control", action="store_true", help="Also run the no-DPO control per seed.")
     parser.add_argument("--control-only", action="store_true", help="Run only the no-DPO control per seed.")
     parser.add_argument("--cold", action="store_true", help="Use an empty cache (count first-use builds).")
+    parser.add_argument(
+        "--judge-samples",
+        type=int,
+        default=0,
+        metavar="N",
+        help="Also measure every proposer state on N fresh proposals per category.",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "runs"
@@ -89,6 +144,13 @@ def main() -> None:
             if not args.control_only:
                 results.append(one(seed, out, []))
                 show(results[-1])
+                if args.judge_samples:
+                    curve = judge_curve(out / results[-1]["name"], args.judge_samples)
+                    results[-1]["curve"] = curve
+                    print(
+                        "  fixed judge on fresh proposals, base model then after each adapter: "
+                        + " -> ".join(f"{v:.3f}" for v in curve)
+                    )
             if args.control or args.control_only:
                 results.append(one(seed, out, ["--no-dpo"]))
                 show(results[-1])

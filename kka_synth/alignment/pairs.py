@@ -9,12 +9,16 @@ The rule, per prompt (proposals are grouped by ``Proposal.prompt``):
 1. Rank the completions from hardest to easiest by the key ``(label rank, hardness)``, where the label rank
    is hard 2 > easy 1 > rejected 0 and a rejected completion (unparseable, unrenderable or filtered out) has
    no hardness and ranks below every kept one. Ties keep the input order.
-2. Chosen candidates are the ``pairs_per_prompt`` highest-ranked *kept* completions; rejected candidates are
-   the ``pairs_per_prompt`` lowest-ranked completions, kept or failed. With a ``diversity_key`` (the
-   diversity guard), chosen ones are taken round-robin over the groups that key makes (for example a spec's
-   tone and shape), each group in rank order and the groups ordered by their best member, so DPO raises
-   every kind of hard defect instead of the commonest one. Without it, a proposer collapses onto a
-   shortcut within a few rounds (one tone or severity in most completions).
+2. Chosen candidates are up to ``pairs_per_prompt`` (m) *hard* completions, hardest first; when fewer are
+   hard, the next-ranked kept ones fill the slots. With a ``diversity_key`` (the diversity guard), the hard
+   ones are taken round-robin over the groups that key makes (for example a spec's tone and shape), each
+   group in rank order and the groups ordered by their best member, so DPO raises every kind of hard
+   defect instead of the commonest one; without it a proposer collapses onto a shortcut within a few
+   rounds (one tone or severity in most completions).
+   Rejected candidates are m completions: up to ``max(1, m // 4)`` failed ones (unparseable, unrenderable or
+   filtered out, in input order), then the easiest kept ones. Failures are capped because the commonest
+   filter failure, a near copy, comes from the faintest specs: letting them fill the rejected side taught
+   the proposer to avoid faint defects as strongly as the hard side taught it to seek them.
 3. Every chosen x rejected combination becomes a pair, except when the two texts are identical or the chosen
    one does not rank strictly above the rejected one. Exact duplicate pairs are dropped.
 4. When more than ``max_pairs`` pairs remain, ``max_pairs`` of them are drawn without replacement with
@@ -103,8 +107,12 @@ def _pairs_for_prompt(prompt: str, ranked: list[_Ranked], pairs_per_prompt: int)
     """Pairs of one prompt's completions (see the module docstring, steps 1-3)."""
     order = sorted(range(len(ranked)), key=lambda i: ranked[i].key, reverse=True)  # stable: ties keep order
     ordered = [ranked[i] for i in order]
-    chosen = _round_robin([item for item in ordered if item.kept], pairs_per_prompt)
-    rejected = ordered[-pairs_per_prompt:][::-1]  # easiest first
+    kept = [item for item in ordered if item.kept]
+    hard = [item for item in kept if item.key[0] == _RANK["hard"]]
+    chosen = _round_robin(hard, pairs_per_prompt)
+    chosen += [item for item in kept if item.key[0] != _RANK["hard"]][: pairs_per_prompt - len(chosen)]
+    failed = [item for item in ordered if not item.kept][: max(1, pairs_per_prompt // 4)]
+    rejected = failed + kept[::-1][: pairs_per_prompt - len(failed)]
     pairs: list[PreferencePair] = []
     for good in chosen:
         for bad in rejected:

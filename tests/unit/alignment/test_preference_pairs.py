@@ -155,3 +155,18 @@ def test_diversity_guard_spreads_chosen_over_groups() -> None:
     assert {p.chosen for p in plain} == {"dark0", "dark1"}
     assert {p.chosen for p in guarded} == {"dark0", "bright0"}
     assert all(p.rejected != p.chosen for p in guarded)
+
+
+def test_failures_fill_at_most_a_quarter_of_the_rejected_side() -> None:
+    import numpy as np
+
+    from kka_synth.alignment.pairs import build_pairs
+    from kka_synth.types import Proposal
+
+    items = [(Proposal("p", f"fail{i}"), "rejected", None) for i in range(5)]
+    items += [(Proposal("p", f"easy{i}"), "easy", -1.0 - i) for i in range(3)]
+    items += [(Proposal("p", f"hard{i}"), "hard", 1.0 + i) for i in range(2)]
+    pairs = build_pairs(items, 4, 100, np.random.default_rng(0))
+    rejected = {p.rejected for p in pairs}
+    assert rejected == {"fail0", "easy0", "easy1", "easy2"}
+    assert {p.chosen for p in pairs} >= {"hard0", "hard1"}
