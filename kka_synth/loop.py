@@ -397,6 +397,9 @@ class KKALoop:
             "hard_share_judge": _share(kept, "label_judge"),
             "mean_hardness": float(np.mean([r["hardness"] for r in kept])) if kept else None,
             "mean_hardness_judge": float(np.mean([r["hardness_judge"] for r in kept])) if kept else None,
+            # hardness is unbounded below (an obvious defect scores far beyond the threshold), so the mean
+            # follows a few easy outliers; the median reads as the typical candidate
+            "median_hardness": float(np.median([r["hardness"] for r in kept])) if kept else None,
             "distinct_2": distinct_n((r["text"] for r in rows), 2),
             "distinct_specs": len({spec_key(s) for s in specs}),
             "field_entropy": field_entropy(specs),

@@ -56,6 +56,7 @@ def test_run_leaves_a_complete_run_directory(finished_run: Path):
         assert 0 < stats["kept"] <= stats["proposals"]
         assert stats["hard"] + sum(stats["rejections"].values()) <= stats["proposals"]
         assert 0.0 <= stats["distinct_2"] <= 1.0 and stats["field_entropy"]["shape"] >= 0.0
+        assert stats["median_hardness"] is not None and stats["seconds"]["evaluate"] > 0
         rows = read_candidates(folder)
         kept = [r for r in rows if r["label"] in ("hard", "easy")]
         assert kept and all(r["hardness"] is not None for r in kept)
