@@ -46,9 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data-root", metavar="P", help="Folder that holds the dataset (not needed for demo).")
     run.add_argument(
         "--category",
-        action="append",
+        action="extend",
+        nargs="+",
         metavar="C",
-        help="A category to use; repeat for several (default: all).",
+        help="Categories to use, e.g. --category bottle cable (default: all).",
     )
     run.add_argument("--iterations", type=int, metavar="N", help="KKA iterations (default: 3).")
     run.add_argument(

@@ -42,8 +42,18 @@ def test_bad_flags_give_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 def test_corrupt_image_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     root = _folder_dataset(tmp_path / "data", corrupt=True)
-    code = main(["run", "--dataset", "folder", "--data-root", str(root), "--out", str(tmp_path / "runs"),
-                 "--no-progress"])
+    code = main(
+        [
+            "run",
+            "--dataset",
+            "folder",
+            "--data-root",
+            str(root),
+            "--out",
+            str(tmp_path / "runs"),
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "010.png" in err
 

@@ -125,3 +125,35 @@ def test_help_teaches():
     )
     assert result.returncode == 0
     assert "--resume" in result.stdout and "examples:" in result.stdout
+
+
+@pytest.mark.parametrize("mode", ["add", "rep"])
+def test_curation_modes(tmp_path: Path, finished_run: Path, mode: str):
+    """add keeps every iteration's hard set, rep only the last one; the curated set is in MVTec AD layout."""
+    import shutil
+
+    from kka_synth.runs import RunDir, read_jsonl
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(finished_run, run_dir)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest["config"]["mode"] = mode
+    KKALoop(RunDir(run_dir, manifest)).curate()
+    index = read_jsonl(run_dir / "curated" / "index.jsonl")
+    hard = {
+        k: [r["id"] for r in read_candidates(run_dir / "iterations" / str(k)) if r["label"] == "hard"]
+        for k in (1, 2)
+    }
+    expected = hard[1] + hard[2] if mode == "add" else hard[2]
+    assert sorted(row["id"] for row in index) == sorted(expected)
+    for row in index:
+        image = run_dir / "curated" / row["image"]
+        assert image.parent.parent.name == "test" and image.is_file()
+        assert (run_dir / "curated" / row["mask"]).is_file()
+
+
+def test_category_flag_takes_several(tmp_path: Path):
+    from kka_synth.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["run", "--category", "brick", "washer", "--out", str(tmp_path)])
+    assert config_from_args(args).data.categories == ["brick", "washer"]
