@@ -27,7 +27,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,7 @@ from kka_synth.runs import (
 )
 from kka_synth.synth import RENDERERS, RenderError, apply_filters, build_filters
 from kka_synth.synth.filters import MatchCountBand
-from kka_synth.types import Candidate, DefectSpec, Proposal
+from kka_synth.types import REGIONS, SHAPES, TONES, Candidate, DefectSpec, Proposal
 
 logger = logging.getLogger(__name__)
 
@@ -80,13 +80,6 @@ class CategoryData:
     knowledge: Any
     band: MatchCountBand | None = None
     judge: JudgeEvaluator | None = None
-
-
-@dataclass
-class IterationResult:
-    iteration: int
-    stats: dict[str, Any]
-    candidates: list[dict[str, Any]] = field(default_factory=list)
 
 
 class KKALoop:
@@ -191,10 +184,11 @@ class KKALoop:
             self.progress(f"fitting judge for {name}", 1, 1)
 
     # one iteration -----------------------------------------------------------------------------------
-    def iterate(self, k: int) -> IterationResult:
+    def iterate(self, k: int) -> dict[str, Any]:
+        """Run (or finish) iteration ``k``; returns its stats."""
         folder = self.run.iteration_dir(k)
         if self.run.stage_done(f"{k}/stats"):
-            return IterationResult(k, json.loads((folder / "stats.json").read_text()))
+            return json.loads((folder / "stats.json").read_text())
         seconds: dict[str, float] = dict(self.run.stage_seconds(f"{k}/"))
         for stage in STAGES:
             if self.run.stage_done(f"{k}/{stage}"):
@@ -206,7 +200,7 @@ class KKALoop:
         stats = self._stats(k, folder, seconds)
         atomic_write_json(folder / "stats.json", stats)
         self.run.mark_done(f"{k}/stats", 0.0)
-        return IterationResult(k, stats, read_candidates(folder))
+        return stats
 
     def _propose(self, k: int, folder: Path) -> dict[str, Any]:
         rows = []
@@ -477,8 +471,7 @@ def _write_candidates(folder: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def _random_spec(category: str, types: list[str], rng: np.random.Generator) -> DefectSpec:
-    from kka_synth.types import REGIONS, SHAPES, TONES
-
+    """A random spec for the judge's rule-based anomalies."""
     return DefectSpec(
         category=category,
         defect_type=str(rng.choice(types)),
@@ -498,9 +491,9 @@ def run_loop(
     run = RunDir.open(config, resume=resume)
     loop = KKALoop(run, progress)
     loop.prepare()
-    stats = [loop.iterate(k).stats for k in range(1, loop.config.iterations + 1)]
+    stats = [loop.iterate(k) for k in range(1, loop.config.iterations + 1)]
     loop.curate()
     return stats
 
 
-__all__ = ["KKALoop", "IterationResult", "Progress", "read_candidates", "run_loop"]
+__all__ = ["KKALoop", "Progress", "read_candidates", "run_loop"]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,22 +64,23 @@ def _normals(folder: Path, category: str, split: str, what: str) -> list[Sample]
     ]
 
 
-def _test_types(test_dir: Path) -> list[str]:
-    """Defect folders of a test split, "good" first, the rest sorted."""
+def _test_folders(base: Path) -> Iterator[tuple[str, list[Path]]]:
+    """(defect type, images) of each non-empty test folder, "good" first and the rest sorted."""
+    test_dir = require_dir(base / "test", "test images")
+    require_dir(test_dir / NORMAL, "normal test images")
     names = subfolders(test_dir)
-    return [NORMAL] * (NORMAL in names) + [name for name in names if name != NORMAL]
+    for defect in [NORMAL] * (NORMAL in names) + [name for name in names if name != NORMAL]:
+        images = list_images(test_dir / defect)
+        if not images:
+            logger.warning("skipping empty test folder %s", test_dir / defect)
+            continue
+        yield defect, images
 
 
 def _load_mvtec_ad_category(root: Path, category: str) -> list[Sample]:
     base = root / category
     samples = _normals(base / "train" / NORMAL, category, "train", "normal training images")
-    test_dir = require_dir(base / "test", "test images")
-    require_dir(test_dir / NORMAL, "normal test images")
-    for defect in _test_types(test_dir):
-        images = list_images(test_dir / defect)
-        if not images:
-            logger.warning("skipping empty test folder %s", test_dir / defect)
-            continue
+    for defect, images in _test_folders(base):
         if defect == NORMAL:
             samples += [Sample(p, category, "test", 0, NORMAL) for p in images]
             continue
@@ -106,13 +108,7 @@ def _load_loco_category(root: Path, category: str) -> list[Sample]:
     samples = _normals(base / "train" / NORMAL, category, "train", "normal training images")
     if (base / "validation").is_dir():
         samples += _normals(base / "validation" / NORMAL, category, "validation", "normal validation images")
-    test_dir = require_dir(base / "test", "test images")
-    require_dir(test_dir / NORMAL, "normal test images")
-    for defect in _test_types(test_dir):
-        images = list_images(test_dir / defect)
-        if not images:
-            logger.warning("skipping empty test folder %s", test_dir / defect)
-            continue
+    for defect, images in _test_folders(base):
         if defect == NORMAL:
             samples += [Sample(p, category, "test", 0, NORMAL) for p in images]
             continue
