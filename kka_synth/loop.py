@@ -52,7 +52,8 @@ from kka_synth.runs import (
 )
 from kka_synth.synth import RENDERERS, RenderError, apply_filters, build_filters
 from kka_synth.synth.filters import MatchCountBand
-from kka_synth.types import REGIONS, SHAPES, TONES, Candidate, DefectSpec, Proposal
+from kka_synth.synth.perlin import random_spec
+from kka_synth.types import Candidate, DefectSpec, Proposal
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ class KKALoop:
             images, masks = [], []
             types = list(data.knowledge.defect_types)
             for i in range(len(data.fit)):
-                spec = _random_spec(name, types, rng)
+                spec = random_spec(name, types, rng)
                 try:
                     image, mask = perlin.render(data.fit[i], spec, rng)
                 except RenderError:
@@ -425,6 +426,7 @@ class KKALoop:
                         {
                             "id": r["id"],
                             "iteration": k,
+                            "source_id": r["source_id"],
                             "category": r["category"],
                             "defect_type": defect,
                             "image": str(image.relative_to(tmp)),
@@ -468,20 +470,6 @@ def _write_candidates(folder: Path, rows: list[dict[str, Any]]) -> None:
         for r in rows
     ]
     write_parquet(folder / "candidates.parquet", table)
-
-
-def _random_spec(category: str, types: list[str], rng: np.random.Generator) -> DefectSpec:
-    """A random spec for the judge's rule-based anomalies."""
-    return DefectSpec(
-        category=category,
-        defect_type=str(rng.choice(types)),
-        description="",
-        region=REGIONS[str(rng.choice(list(REGIONS)))],
-        size=float(rng.choice([0.01, 0.02, 0.05, 0.1])),
-        shape=str(rng.choice(SHAPES)),
-        tone=str(rng.choice(TONES)),
-        severity=float(rng.uniform(0.3, 1.0)),
-    )
 
 
 def run_loop(

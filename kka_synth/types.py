@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -273,6 +274,31 @@ class DetectorOutput:
     """(N,) float32 image anomaly scores; higher means more anomalous."""
     anomaly_map: np.ndarray
     """(N, H, W) float32 pixel anomaly scores."""
+
+
+@dataclass
+class SyntheticStage:
+    """One stage of a detector's training schedule: the synthetic anomalies it trains on, and for how long.
+
+    A stage either holds a fixed set of ``anomalies`` (a run's curated set) or a ``draw`` function that puts a
+    fresh rule-based anomaly on a normal image at every use (DRAEM's on-the-fly Perlin defects).
+    """
+
+    name: str
+    """What the stage trains on, e.g. "rule" or "kka"; shown in logs and metrics."""
+    anomalies: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = field(default_factory=list)
+    """Fixed anomalies as (image RGB uint8 (H, W, 3), mask bool (H, W), clean source image or None)."""
+    draw: Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]] | None = None
+    """``draw(normal, rng) -> (image, mask)``: a fresh anomaly on a normal image; used when ``anomalies`` is
+    empty."""
+    share: float = 1.0
+    """Share of the detector's training steps spent in this stage, in (0, 1]."""
+
+    def __post_init__(self) -> None:
+        if not self.anomalies and self.draw is None:
+            raise ValueError(f"synthetic stage {self.name!r} has neither anomalies nor a draw function")
+        if not 0.0 < self.share <= 1.0:
+            raise ValueError(f"synthetic stage {self.name!r}: share must be in (0, 1], got {self.share}")
 
 
 @dataclass(frozen=True)

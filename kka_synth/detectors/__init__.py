@@ -11,14 +11,15 @@ from typing import Protocol
 
 import numpy as np
 
-from kka_synth.types import DetectorOutput
+from kka_synth.types import DetectorOutput, SyntheticStage
 
 
 class Detector(Protocol):
-    def fit(
-        self, normal: list[np.ndarray], synthetic: list[tuple[np.ndarray, np.ndarray]] | None = None
-    ) -> None:
-        """Train on normal RGB images and optional (image, mask) synthetic anomalies."""
+    def fit(self, normal: list[np.ndarray], synthetic: list[SyntheticStage] | None = None) -> None:
+        """Train on normal RGB images, then on each synthetic stage in order for its share of the steps.
+
+        ``synthetic=None`` trains on normal images alone (the "none" variant of the evaluation protocol).
+        """
 
     def predict(self, images: list[np.ndarray]) -> DetectorOutput:
         """Score RGB images: one score per image and one map per image at the input size."""

@@ -31,7 +31,7 @@ import numpy as np
 
 from kka_synth.synth.base import RenderError, check_inputs, finish
 from kka_synth.synth.foreground import ForegroundCache, allowed_area, pick_centre
-from kka_synth.types import DefectSpec
+from kka_synth.types import REGIONS, SHAPES, TONES, DefectSpec
 
 logger = logging.getLogger(__name__)
 
@@ -323,3 +323,46 @@ class PerlinRenderer:
         logger.debug("perlin render: scale %s, angle %.2f, source %s, beta %.2f", scale, angle, kind, beta)
         blended = image.astype(np.float32) * (1.0 - beta) + source.astype(np.float32) * beta
         return finish(image, blended, mask)
+
+
+def random_spec(category: str, defect_types: list[str], rng: np.random.Generator) -> DefectSpec:
+    """A random spec for rule-based anomalies: any region, a small to medium size, any tone and a visible
+    severity."""
+    return DefectSpec(
+        category=category,
+        defect_type=str(rng.choice(defect_types)),
+        description="",
+        region=REGIONS[str(rng.choice(list(REGIONS)))],
+        size=float(rng.choice([0.01, 0.02, 0.05, 0.1])),
+        shape=str(rng.choice(SHAPES)),
+        tone=str(rng.choice(TONES)),
+        severity=float(rng.uniform(0.3, 1.0)),
+    )
+
+
+class PerlinAnomalies:
+    """Rule-based anomalies drawn on the fly: ``draw(normal, rng) -> (image, mask)`` puts a Perlin defect
+    from a random spec on a normal image, as DRAEM does at every training step."""
+
+    def __init__(
+        self,
+        category: str,
+        defect_types: list[str] | None = None,
+        renderer: PerlinRenderer | None = None,
+        attempts: int = 4,
+    ):
+        self.category = category
+        self.defect_types = list(defect_types or ["defect"])
+        self.renderer = renderer or PerlinRenderer()
+        self.attempts = attempts
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        for _ in range(self.attempts):
+            spec = random_spec(self.category, self.defect_types, rng)
+            try:
+                result, mask = self.renderer.render(image, spec, rng)
+            except RenderError:
+                continue
+            if mask.any():
+                return result, mask
+        raise RenderError(f"no Perlin anomaly fits this {self.category} image in {self.attempts} attempts")

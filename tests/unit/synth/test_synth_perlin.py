@@ -116,3 +116,27 @@ def test_perlin_rejects_bad_settings():
         PerlinRenderer(sources=("clouds",))
     with pytest.raises(ValueError):
         PerlinRenderer(max_scale_power=12)
+
+
+def test_perlin_anomalies_draw_a_defect_and_repeat_with_the_seed():
+    from kka_synth.synth.perlin import PerlinAnomalies
+
+    image = np.full((64, 64, 3), 120, dtype=np.uint8)
+    image[::8] = 60  # some structure so the foreground is the whole image
+    draw = PerlinAnomalies("tile", ["crack", "stain"])
+    result, mask = draw(image, np.random.default_rng(3))
+    assert result.shape == image.shape and result.dtype == np.uint8
+    assert mask.dtype == bool and mask.any() and not mask.all()
+    assert not np.array_equal(result[mask], image[mask])
+    assert np.array_equal(result[~mask], image[~mask])
+    again, mask_again = draw(image, np.random.default_rng(3))
+    assert np.array_equal(again, result) and np.array_equal(mask_again, mask)
+
+
+def test_synthetic_stage_needs_anomalies_or_a_draw():
+    from kka_synth.types import SyntheticStage
+
+    with pytest.raises(ValueError, match="neither anomalies nor a draw"):
+        SyntheticStage("kka")
+    with pytest.raises(ValueError, match="share"):
+        SyntheticStage("rule", draw=lambda image, rng: (image, image[..., 0] > 0), share=1.5)
