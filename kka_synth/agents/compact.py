@@ -29,7 +29,7 @@ from kka_synth.agents.corpus import SpecVocabulary, compact_prompt
 from kka_synth.agents.grammar import SpecGrammar, SpecGrammarProcessor
 from kka_synth.agents.pretrain import SETTINGS_FILE, CompactLMConfig, load_or_pretrain
 from kka_synth.config import ProposerConfig
-from kka_synth.prompts.knowledge import all_knowledge
+from kka_synth.prompts.knowledge import GENERIC, all_knowledge
 from kka_synth.types import Proposal
 
 logger = logging.getLogger(__name__)
@@ -98,7 +98,14 @@ class CompactProposer:
         (path / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
 
     def prompt_for(self, context: ProposalContext) -> str:
-        """The one-line prompt the model continues (examples and constraints are for chat backends)."""
+        """The one-line prompt the model continues (examples and constraints are for chat backends).
+
+        A category without its own knowledge entry (a folder dataset, say) is asked as the generic category:
+        its defect list is the generic one, and the compact model was pretrained on that prompt, while its own
+        name is a prompt the model never saw, which it answers with other categories' defect types.
+        """
+        if context.knowledge.dataset == GENERIC:
+            return compact_prompt(context.knowledge, GENERIC)
         return compact_prompt(context.knowledge, context.category)
 
     def grammar(self) -> SpecGrammar:

@@ -191,3 +191,13 @@ def test_build_proposer_backends(tiny_proposer: CompactProposer) -> None:
     assert isinstance(untrained, CompactProposer) and untrained.path.parent.parent.name == "proposers"
     assert untrained.knowledge_files == ("mvtec_ad", "mvtec_loco", "visa", "demo", "generic")
     assert {"broken_large", "missing_pushpin", "weird_candle_wick"} <= set(untrained.vocabulary.defect_types)
+
+
+def test_a_category_without_knowledge_is_asked_as_the_generic_category(tiny_proposer) -> None:
+    context = ProposalContext.for_category("pcb_board", "folder")
+    assert context.knowledge.dataset == "generic"
+    prompt = tiny_proposer.prompt_for(context)
+    assert "generic" in prompt and "pcb_board" not in prompt
+    assert "scratch" in context.knowledge.defect_types  # the generic list, which the prompt was trained on
+    known = tiny_proposer.prompt_for(ProposalContext.for_category("washer", "demo"))
+    assert "washer" in known
