@@ -26,11 +26,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from kka_synth.data.images import DataError
+import numpy as np
+
+from kka_synth.data.images import DataError, load_rgb, mask_files, resize_mask
 from kka_synth.data.tree import (
     NORMAL,
     find_mask,
@@ -145,3 +148,70 @@ def loco_defects_config(root: str | Path, category: str) -> list[dict[str, Any]]
     if not isinstance(data, list) or not all(isinstance(entry, dict) for entry in data):
         raise DataError(f"{path} must hold a JSON list of objects")
     return data
+
+
+def _defects_by_value(defects_config: list[dict[str, Any]]) -> dict[int, tuple[float, bool]]:
+    """pixel_value -> (saturation_threshold, relative_saturation), checked."""
+    by_value: dict[int, tuple[float, bool]] = {}
+    for entry in defects_config:
+        try:
+            value, threshold = entry["pixel_value"], entry["saturation_threshold"]
+            relative = entry["relative_saturation"]
+        except (KeyError, TypeError):
+            raise DataError(
+                "defects_config entries need pixel_value, saturation_threshold and relative_saturation, "
+                f"got {entry!r}"
+            ) from None
+        numbers_ok = all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            for v in (value, threshold)
+        )
+        if not numbers_ok or not isinstance(relative, bool) or not threshold > 0 or value != int(value):
+            raise DataError(f"bad defects_config entry {entry!r}")
+        by_value[int(value)] = (float(threshold), relative)
+    return by_value
+
+
+def loco_regions(
+    mask_dir: str | Path, defects_config: list[dict[str, Any]], size: int | None = None
+) -> list[tuple[np.ndarray, float]]:
+    """The annotated regions of one MVTec LOCO AD test image, as the sPRO metric takes them.
+
+    ``mask_dir`` holds one mask image per region (sorted by name), whose nonzero pixels all carry the
+    ``pixel_value`` of a ``defects_config`` entry (see :func:`loco_defects_config`). A region's saturation
+    is ``saturation_threshold * area`` when ``relative_saturation``, else ``saturation_threshold`` pixels at
+    full resolution, scaled by the change of image area when ``size`` resizes the mask (nearest neighbour, to
+    ``size`` x ``size``); it is capped at the region's area.
+
+    Returns:
+        One (bool mask (H, W), saturation in pixels) per mask file.
+
+    Raises:
+        DataError: naming the file that cannot be read, holds no or several pixel values, carries a value
+            that no entry describes, or loses all its pixels when resized.
+    """
+    by_value = _defects_by_value(defects_config)
+    regions: list[tuple[np.ndarray, float]] = []
+    for path in mask_files(mask_dir):
+        rgb = load_rgb(path)  # (H, W, 3) uint8; a gray mask repeats its value in every channel
+        gray = rgb[:, :, 0]
+        if not (np.array_equal(gray, rgb[:, :, 1]) and np.array_equal(gray, rgb[:, :, 2])):
+            raise DataError(f"LOCO mask {path} is not a gray image")
+        mask = gray != 0
+        values = np.unique(gray[mask])
+        if values.size != 1:
+            raise DataError(f"LOCO mask {path} must hold one nonzero pixel value, found {values.tolist()}")
+        value = int(values[0])
+        if value not in by_value:
+            known = sorted(by_value)
+            raise DataError(f"LOCO mask {path} has pixel value {value}, not in defects_config {known}")
+        threshold, relative = by_value[value]
+        full_pixels = mask.size
+        if size is not None:
+            mask = resize_mask(mask, size)
+        area = int(np.count_nonzero(mask))
+        if area == 0:
+            raise DataError(f"LOCO mask {path} has no pixels left at size {size}")
+        saturation = threshold * area if relative else threshold * mask.size / full_pixels
+        regions.append((mask, float(min(saturation, area))))
+    return regions
