@@ -6,9 +6,10 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from kka_synth.config import DATASETS, MODES, PROFILES, ConfigError, RunConfig, profile_defaults
+from kka_synth.config import DATASETS, MODES, PROFILES, VARIANTS, ConfigError, RunConfig, profile_defaults
 
 logger = logging.getLogger("kka_synth")
 
@@ -24,6 +25,19 @@ examples:
   kka-synth run --dataset demo --name demo --resume          continue a killed run where it stopped
 
 Settings come from the profile, then --config run.yaml, then the flags here (last wins).
+"""
+
+
+EVAL_HELP = """\
+Train each detector on the run's normal training images plus each synthetic-set variant, then test it on the
+dataset's real test split (real test anomalies are never trained on). Variants: none (normal images only),
+rule (Perlin anomalies), kka (the run's curated set), two-stage (rule, then kka), reverse (kka, then rule).
+Writes RUN_DIR/metrics.json, RUN_DIR/metrics.md and RUN_DIR/report.html; results already in RUN_DIR/eval are
+reused, so an interrupted evaluation continues where it stopped.
+
+examples:
+  kka-synth eval runs/demo
+  kka-synth eval runs/demo --variants rule,two-stage --seeds 3
 """
 
 
@@ -71,7 +85,38 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="Continue OUT/NAME from its last finished stage.")
     run.add_argument("--config", metavar="run.yaml", help="A YAML file of RunConfig fields.")
     run.add_argument("--no-progress", action="store_true", help="No progress bars.")
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="Train detectors on each synthetic-set variant of a run and test them on the real test split.",
+        description=EVAL_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    evaluate.add_argument("run_dir", metavar="RUN_DIR", help="A run directory written by `kka-synth run`.")
+    evaluate.add_argument(
+        "--detectors", type=_names, metavar="D,..", help="Comma-separated detectors (default: draem)."
+    )
+    evaluate.add_argument(
+        "--variants",
+        type=_names,
+        metavar="V,..",
+        help=f"Comma-separated variants among {','.join(VARIANTS)} (default: all).",
+    )
+    evaluate.add_argument(
+        "--seeds", type=int, metavar="N", help="Seeds per detector and variant (default: 1)."
+    )
+    evaluate.add_argument(
+        "--image-size", type=int, metavar="PX", help="Side detectors work at (default: run's)."
+    )
+    evaluate.add_argument("--no-progress", action="store_true", help="No progress bars.")
     return parser
+
+
+def _names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected comma-separated names")
+    return names
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -225,11 +270,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "eval":
+            return _eval(args)
     except _bad_input_errors() as error:
         print(f"kka-synth: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("kka-synth: interrupted; continue with the same command and --resume", file=sys.stderr)
+        again = "the same command and --resume" if args.command == "run" else "the same command"
+        print(f"kka-synth: interrupted; continue with {again}", file=sys.stderr)
         return 130
     parser.error(f"unknown command {args.command}")
     return 2
@@ -243,8 +291,65 @@ def _run(args: argparse.Namespace) -> int:
     with bars:
         stats = run_loop(config, resume=args.resume, progress=update)
     _summary(stats)
+    report = write_report(config.run_dir)
     print(f"run directory: {config.run_dir}")
+    print(f"report: {report}")
     return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from kka_synth.eval.protocol import evaluate_run
+
+    overrides = {
+        key: value
+        for key, value in (
+            ("detectors", args.detectors),
+            ("variants", args.variants),
+            ("seeds", args.seeds),
+            ("image_size", args.image_size),
+        )
+        if value is not None
+    }
+    bars, update = _progress_bars(enabled=not args.no_progress and sys.stderr.isatty())
+    with bars:
+        summary = evaluate_run(args.run_dir, overrides, progress=update)
+    _metrics_tables(summary)
+    report = write_report(args.run_dir)
+    print(f"metrics: {Path(args.run_dir) / 'metrics.json'}")
+    print(f"report: {report}")
+    return 0
+
+
+def write_report(run_dir: str | Path) -> Path:
+    from kka_synth.eval.report import write_report as write
+
+    return write(Path(run_dir))
+
+
+def _metrics_tables(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from kka_synth.eval.protocol import METRIC_TITLES, METRICS, format_cell
+
+    console = Console()
+    if not console.is_terminal:
+        console.width = 160
+    if not summary["categories"]:
+        console.print("no results: every variant was skipped (see the warnings above)")
+    for category, detectors in summary["categories"].items():
+        table = Table(title=f"{category}: real test split, mean ± std over {len(summary['seeds'])} seed(s)")
+        for column in ("detector", "variant", *(METRIC_TITLES[m] for m in METRICS), "train s"):
+            table.add_column(column, justify="left" if column in ("detector", "variant") else "right")
+        for detector, variants in detectors.items():
+            for variant, entry in variants.items():
+                table.add_row(
+                    detector,
+                    variant,
+                    *(format_cell(entry, m) for m in METRICS),
+                    f"{entry['train_seconds']:.0f}",
+                )
+        console.print(table)
 
 
 if __name__ == "__main__":

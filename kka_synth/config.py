@@ -17,6 +17,9 @@ import yaml
 DATASETS = ("demo", "mvtec_ad", "mvtec_loco", "visa", "folder")
 PROFILES = ("offline", "hub")
 MODES = ("add", "rep")
+VARIANTS = ("none", "rule", "kka", "two-stage", "reverse")
+"""Synthetic-set variants of the evaluation: none (normal images only), rule (Perlin anomalies), kka (the
+run's curated set), two-stage (rule, then kka) and reverse (kka, then rule)."""
 
 
 class ConfigError(ValueError):
@@ -169,6 +172,44 @@ class AlignmentConfig:
 
 
 @dataclass
+class EvalConfig:
+    detectors: list[str] = _help(
+        "Detectors to train and test (see kka_synth.detectors).", default_factory=lambda: ["draem"]
+    )
+    variants: list[str] = _help(
+        "Synthetic-set variants: none, rule, kka, two-stage, reverse.", default_factory=lambda: list(VARIANTS)
+    )
+    seeds: int = _help("Seeds per detector and variant; tables show mean and std over them.", default=1)
+    image_size: int | None = _help("Side detectors work at (None: the run's data.image_size).", default=None)
+    rule_share: float = _help(
+        "Share of training steps on rule-based anomalies in two-stage and reverse (the rest is the kka set).",
+        default=0.5,
+    )
+    overlays: int = _help("Test images per category shown with their anomaly maps in the report.", default=4)
+    options: dict[str, dict[str, Any]] = _help(
+        "Per-detector config overrides, e.g. {draem: {steps: 400}}.", default_factory=dict
+    )
+
+    def __post_init__(self) -> None:
+        _check(bool(self.detectors), "eval.detectors must name at least one detector")
+        _check(bool(self.variants), "eval.variants must name at least one variant")
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        _check(
+            not unknown,
+            f"unknown eval variant {unknown[0] if unknown else ''!r} (known: {', '.join(VARIANTS)})",
+        )
+        _check(len(set(self.variants)) == len(self.variants), "eval.variants lists a variant twice")
+        _check(1 <= self.seeds <= 100, f"eval.seeds must be in [1, 100], got {self.seeds}")
+        _check(
+            self.image_size is None or 16 <= self.image_size <= 4096,
+            f"eval.image_size must be in [16, 4096], got {self.image_size}",
+        )
+        _check(0.0 < self.rule_share < 1.0, f"eval.rule_share must be in (0, 1), got {self.rule_share}")
+        _check(0 <= self.overlays <= 64, f"eval.overlays must be in [0, 64], got {self.overlays}")
+        _check(isinstance(self.options, dict), "eval.options must map detector names to mappings")
+
+
+@dataclass
 class RunConfig:
     name: str = _help("Run name; the run directory is OUT/NAME.", default="demo")
     out: str = _help("Folder that holds run directories.", default="runs")
@@ -183,6 +224,7 @@ class RunConfig:
     filters: FilterConfig = field(default_factory=FilterConfig)
     evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         _check(

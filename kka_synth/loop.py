@@ -45,10 +45,10 @@ from kka_synth.runs import (
     RunDir,
     atomic_dir,
     atomic_write_json,
+    read_candidates,
     read_jsonl,
-    read_parquet,
+    write_candidates,
     write_jsonl,
-    write_parquet,
 )
 from kka_synth.synth import RENDERERS, RenderError, apply_filters, build_filters
 from kka_synth.synth.filters import MatchCountBand
@@ -292,7 +292,7 @@ class KKALoop:
             save_mask(folder / record["mask"], mask)
             out.append(record)
         self.progress(f"iteration {k}: rendering", len(rows), len(rows))
-        _write_candidates(folder, out)
+        write_candidates(folder, out)
         return {"rendered": sum(r["image"] is not None for r in out)}
 
     def _evaluate(self, k: int, folder: Path) -> dict[str, Any]:
@@ -319,7 +319,7 @@ class KKALoop:
                 r["hardness"], r["label"] = float(h), "hard" if hard else "easy"
                 r["hardness_judge"], r["label_judge"] = float(hj), "hard" if hard_j else "easy"
             self.progress(f"iteration {k}: scoring hardness ({name})", 1, 1)
-        _write_candidates(folder, rows)
+        write_candidates(folder, rows)
         return {"scored": sum(r["hardness"] is not None for r in rows)}
 
     def _align(self, k: int, folder: Path) -> dict[str, Any]:
@@ -449,27 +449,6 @@ def _share(rows: list[dict[str, Any]], key: str) -> float | None:
 def _diversity_key(proposal: Proposal) -> object:
     """The diversity guard's groups: a spec's tone and shape (see alignment.pairs)."""
     return None if proposal.spec is None else (proposal.spec.tone, proposal.spec.shape)
-
-
-def read_candidates(folder: Path) -> list[dict[str, Any]]:
-    """An iteration's candidate rows, with ``spec`` and ``verdicts`` decoded from their JSON columns."""
-    rows = read_parquet(folder / "candidates.parquet")
-    for r in rows:
-        r["spec"] = None if r["spec"] is None else json.loads(r["spec"])
-        r["verdicts"] = json.loads(r["verdicts"])
-    return rows
-
-
-def _write_candidates(folder: Path, rows: list[dict[str, Any]]) -> None:
-    table = [
-        {
-            **r,
-            "spec": None if r["spec"] is None else json.dumps(r["spec"]),
-            "verdicts": json.dumps(r["verdicts"]),
-        }
-        for r in rows
-    ]
-    write_parquet(folder / "candidates.parquet", table)
 
 
 def run_loop(

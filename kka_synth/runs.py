@@ -113,6 +113,28 @@ def read_parquet(path: Path) -> list[dict[str, Any]]:
     return pq.read_table(path).to_pylist()
 
 
+def read_candidates(folder: Path) -> list[dict[str, Any]]:
+    """An iteration's candidate rows, with ``spec`` and ``verdicts`` decoded from their JSON columns."""
+    rows = read_parquet(folder / "candidates.parquet")
+    for r in rows:
+        r["spec"] = None if r["spec"] is None else json.loads(r["spec"])
+        r["verdicts"] = json.loads(r["verdicts"])
+    return rows
+
+
+def write_candidates(folder: Path, rows: list[dict[str, Any]]) -> None:
+    """Write an iteration's candidate rows, with ``spec`` and ``verdicts`` as JSON columns."""
+    table = [
+        {
+            **r,
+            "spec": None if r["spec"] is None else json.dumps(r["spec"]),
+            "verdicts": json.dumps(r["verdicts"]),
+        }
+        for r in rows
+    ]
+    write_parquet(folder / "candidates.parquet", table)
+
+
 def package_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for name in _VERSIONED:
@@ -164,6 +186,19 @@ class RunDir:
         run = cls(path, manifest)
         run.save_manifest()
         return run
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunDir:
+        """Open an existing run directory as it is, to read it or add to it (the evaluation, the report)."""
+        path = Path(path)
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            raise RunError(f"{path} is not a run directory (no {MANIFEST})")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise RunError(f"cannot read {manifest_path}: {str(error).splitlines()[0]}") from None
+        return cls(path, manifest)
 
     @property
     def config(self) -> RunConfig:

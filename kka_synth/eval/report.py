@@ -1,0 +1,690 @@
+"""A self-contained HTML report of a run: the loop's iterations, samples of what it made, the evaluation.
+
+:func:`write_report` reads whatever a run directory holds at the time it is called (iterations only,
+iterations and evaluation, a run cut off half-way) and writes ``report.html`` next to the manifest. A piece
+that is missing or unreadable is left out with a short note in the page and a logged warning.
+
+The page is one file that any browser opens without a server: plots are drawn with matplotlib's Agg
+canvas (never pyplot's global state) and every plot and image is embedded as a base64 PNG data URI, with
+inline CSS and no external links. Thumbnails are at most :data:`THUMB` pixels and the number of samples and
+overlays is bounded, so a report stays a few MB. A small inline script counts the images that loaded and
+those that failed into ``data-images-loaded`` / ``data-images-broken`` on ``<body>`` and shows a notice
+when any failed.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image, UnidentifiedImageError
+
+from kka_synth.runs import MANIFEST, RunError, atomic_write_text, read_candidates
+
+logger = logging.getLogger(__name__)
+
+REPORT = "report.html"
+THUMB = 128
+"""Longest side in pixels of every embedded image."""
+SAMPLES_PER_SIDE = 6
+"""Most hardest (and most easiest) kept candidates shown per category."""
+SAMPLE_BUDGET = 96
+"""Most candidates shown in the sample grid over all categories (fewer per category when there are many)."""
+OVERLAY_BUDGET = 12
+"""Most anomaly-map overlays shown per category, shared by its detectors and variants."""
+OUTLINE = (255, 0, 255)
+"""Colour of the mask outline drawn on a sample."""
+METRICS = (
+    ("image_auroc", "image AUROC"),
+    ("pixel_auroc", "pixel AUROC"),
+    ("aupro", "AUPRO"),
+    ("image_f1_max", "image F1-max"),
+    ("pixel_f1_max", "pixel F1-max"),
+    ("spro", "sPRO"),
+)
+_READ_ERRORS = (
+    OSError,
+    ValueError,
+    KeyError,
+    TypeError,
+    IndexError,
+    AttributeError,
+    Image.DecompressionBombError,
+)
+"""What reading a piece of the run may raise (pyarrow's errors derive from OSError and ValueError)."""
+
+HOW_TO_READ = {
+    "Hard share": "the share of kept candidates the evaluator calls hard (close to normal) per iteration; "
+    "solid lines are the Deep SAD refit each iteration, dashed ones the fixed judge (fixed goalposts).",
+    "Hardness": "hardness of the kept candidates per iteration; right of the dotted line (hardness > 0) "
+    "is hard; the axis is logarithmic beyond ±1, so the long easy tail fits.",
+    "Rejections": "why proposals were dropped: parse (the text was no valid spec), render (the renderer "
+    "failed) or filter (the render changed too little, too much or outside its region).",
+    "Samples": "the hardest and easiest kept candidates of the last iteration that kept any, each as the "
+    "image and the image with its mask outlined, with its spec and hardness.",
+    "Evaluation": "detectors trained on normal images plus each synthetic variant, tested on the real test "
+    "split: mean ± std over seeds, best per column in bold; ROC curves and anomaly maps come from seed "
+    "0.",
+}
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1200px;padding:0 1em;color:#222}
+h1{margin-bottom:.2em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;font-size:13px;margin:.5em 0}
+th,td{border:1px solid #ccc;padding:2px 7px;text-align:right}th{background:#f2f2f2}
+td.l,th.l{text-align:left}.how{color:#555;font-size:14px}
+.note{background:#fff4e0;border-left:4px solid #e69500;padding:4px 8px;margin:.4em 0}
+#broken-images{display:none;background:#fde2e2;border-left:4px solid #c00;padding:6px 10px}
+.row{display:flex;flex-wrap:wrap;gap:10px;align-items:flex-start}
+.card{border:1px solid #ddd;padding:4px;width:264px;font-size:12px}
+.card img{margin-right:2px}img.thumb{image-rendering:pixelated}
+.cap{font-size:12px;max-width:260px;word-wrap:break-word}
+"""
+
+_SCRIPT = """
+window.addEventListener("load", function () {
+  var images = document.getElementsByTagName("img"), loaded = 0, broken = 0;
+  for (var i = 0; i < images.length; i++) {
+    if (images[i].complete && images[i].naturalWidth > 0) { loaded++; } else { broken++; }
+  }
+  document.body.dataset.imagesLoaded = String(loaded);
+  document.body.dataset.imagesBroken = String(broken);
+  if (broken > 0) {
+    var notice = document.getElementById("broken-images");
+    notice.textContent = broken + " of " + images.length + " images in this report failed to load.";
+    notice.style.display = "block";
+  }
+});
+"""
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write ``run_dir/report.html`` atomically and return its path.
+
+    Raises:
+        RunError: when ``run_dir`` or its manifest is missing or the manifest is unreadable.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunError(f"no run directory at {run_dir}")
+    manifest_path = run_dir / MANIFEST
+    if not manifest_path.is_file():
+        raise RunError(f"{run_dir} is no run directory: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        config = manifest["config"]
+        config["data"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise RunError(f"cannot read {manifest_path}: {error}") from None
+    iterations = _load_iterations(run_dir, int(config.get("iterations") or 0))
+    sections = [
+        _guarded("Run", _header, manifest, iterations),
+        _guarded("Hard share", _hard_share_section, iterations),
+        _guarded("Hardness", _hardness_section, iterations),
+        _guarded("Rejections", _rejection_section, iterations),
+        _guarded("Samples", _sample_section, iterations),
+        _guarded("Evaluation", _evaluation_section, run_dir),
+    ]
+    title = html.escape(f"kka-synth report: {config.get('name', run_dir.name)}")
+    page = (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+        f"<style>{_CSS}</style></head>\n<body>\n"
+        '<div id="broken-images"></div>\n' + "\n".join(sections) + f"\n<script>{_SCRIPT}</script>\n"
+        "</body></html>\n"
+    )
+    path = run_dir / REPORT
+    atomic_write_text(path, page)
+    logger.info("wrote %s (%.1f kB)", path, len(page) / 1e3)
+    return path
+
+
+def _guarded(title: str, build: Callable[..., str], *args: Any) -> str:
+    """One section from ``build(*args)``; a piece of the run malformed in an unforeseen way costs only it."""
+    try:
+        return build(*args)
+    except _READ_ERRORS as error:
+        logger.warning("report: the %s section failed", title, exc_info=True)
+        reason = f"{type(error).__name__}: {_why(error)}"
+        return _section(title, _note(f"this section could not be drawn ({reason})"))
+
+
+# loading -----------------------------------------------------------------------------------------------
+@dataclass
+class _Iteration:
+    """One iteration's stats and candidate rows as far as they could be read, and what could not be."""
+
+    k: int
+    folder: Path
+    stats: dict[str, Any] | None = None
+    rows: list[dict[str, Any]] | None = None
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+def _load_iterations(run_dir: Path, planned: int) -> list[_Iteration]:
+    root = run_dir / "iterations"
+    found = (
+        {int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()} if root.is_dir() else set()
+    )
+    out = []
+    for k in sorted(found | set(range(1, planned + 1))):
+        it = _Iteration(k, root / str(k))
+        if k not in found:
+            it.notes["stats"] = it.notes["rows"] = f"iteration {k} has not run (no folder)"
+        else:
+            try:
+                it.stats = json.loads((it.folder / "stats.json").read_text())
+                if not isinstance(it.stats, dict):
+                    it.stats = None
+                    raise ValueError("not a JSON object")
+            except (OSError, ValueError) as error:
+                it.notes["stats"] = f"iteration {k}: no readable stats.json ({_why(error)})"
+            try:
+                it.rows = read_candidates(it.folder)
+            except _READ_ERRORS as error:
+                it.notes["rows"] = f"iteration {k}: no readable candidates.parquet ({_why(error)})"
+        for note in dict.fromkeys(it.notes.values()):
+            logger.warning("report: %s", note)
+        out.append(it)
+    return out
+
+
+def _read_json(path: Path, notes: list[str]) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        notes.append(_warn(f"cannot read {_relative(path)}: {_why(error)}"))
+        return None
+
+
+# formatting --------------------------------------------------------------------------------------------
+def _why(error: BaseException) -> str:
+    """A short reason for a read failure, without the machine path most error messages carry."""
+    if isinstance(error, FileNotFoundError):
+        return "file missing"
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image"
+    return _first_line(error)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def _relative(path: Path) -> str:
+    """``path`` from the run's ``eval`` folder on, else its name: notes carry no machine paths."""
+    parts = path.parts
+    if "eval" not in parts:
+        return path.name
+    return "/".join(parts[len(parts) - 1 - parts[::-1].index("eval") :])
+
+
+def _warn(text: str) -> str:
+    logger.warning("report: %s", text)
+    return text
+
+
+def _note(text: str) -> str:
+    return f'<p class="note">{html.escape(text)}</p>'
+
+
+def _notes(texts: list[str]) -> str:
+    return "".join(_note(t) for t in dict.fromkeys(texts))
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    """A number for a table cell: ints as they are, floats with ``digits`` decimals, else a dash."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    number = _number(value)
+    return "–" if number is None else f"{number:.{digits}f}"
+
+
+def _table(head: list[str] | None, rows: list[list[str]], left: int = 1) -> str:
+    """An HTML table of already escaped cells; the first ``left`` columns are left-aligned."""
+
+    def cells(tag: str, values: list[str]) -> str:
+        return "".join(f"<{tag}{' class=l' if i < left else ''}>{v}</{tag}>" for i, v in enumerate(values))
+
+    body = "".join(f"<tr>{cells('td', row)}</tr>" for row in rows)
+    top = f"<tr>{cells('th', head)}</tr>" if head else ""
+    return f"<table>{top}{body}</table>"
+
+
+def _img(uri: str, alt: str, size: tuple[int, int] | None = None) -> str:
+    dims = f' width="{size[0]}" height="{size[1]}"' if size else ""
+    return f'<img src="{uri}" alt="{html.escape(alt)}"{dims}>'
+
+
+def _thumb_img(image: Image.Image, alt: str) -> str:
+    """A thumbnail as an ``<img>``, shown with its longest side at :data:`THUMB` (small images scale up)."""
+    scale = THUMB / max(image.size)
+    shown = (round(image.size[0] * scale), round(image.size[1] * scale))
+    return _img(_png_uri(image), alt, shown).replace("<img ", '<img class="thumb" ', 1)
+
+
+# images and plots --------------------------------------------------------------------------------------
+def _png_uri(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _figure_uri(figure: Figure) -> str:
+    buffer = io.BytesIO()
+    FigureCanvasAgg(figure).print_png(buffer)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _figure(width: float, height: float) -> Figure:
+    return Figure(figsize=(width, height), dpi=90, layout="constrained")
+
+
+def _thumbnail(path: Path) -> Image.Image:
+    """An image file as RGB, shrunk so its longest side is at most :data:`THUMB`; raises on a bad file."""
+    with Image.open(path) as opened:
+        image = opened.convert("RGB")
+    image.thumbnail((THUMB, THUMB), Image.Resampling.BOX)
+    return image
+
+
+def _outlined(image: Image.Image, mask_path: Path) -> Image.Image:
+    """``image`` with the outline of the mask at ``mask_path`` (resized to it) drawn in :data:`OUTLINE`."""
+    with Image.open(mask_path) as opened:
+        mask_image = opened.convert("L").resize(image.size, Image.Resampling.NEAREST)
+    mask = np.asarray(mask_image) > 0  # (H, W)
+    padded = np.pad(mask, 1)
+    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    edge = mask & ~inner
+    grown = np.pad(edge, 1)  # thicken the edge by one pixel inwards and outwards so it reads at 128 px
+    edge = edge | grown[:-2, 1:-1] | grown[2:, 1:-1] | grown[1:-1, :-2] | grown[1:-1, 2:]
+    pixels = np.array(image)  # (H, W, 3)
+    pixels[edge] = OUTLINE
+    return Image.fromarray(pixels)
+
+
+# sections ----------------------------------------------------------------------------------------------
+def _section(title: str, body: str) -> str:
+    return f"<section><h2>{html.escape(title)}</h2>{body}</section>"
+
+
+def _categories(manifest: dict[str, Any], iterations: list[_Iteration]) -> list[str]:
+    prepared = manifest.get("stages", {}).get("prepare", {}).get("categories")
+    if prepared:
+        return list(prepared)
+    seen: dict[str, None] = {}
+    for it in iterations:
+        seen.update(dict.fromkeys((it.stats or {}).get("per_category", {}) or {}))
+        seen.update(dict.fromkeys(r["category"] for r in it.rows or []))
+    return list(seen) or list(manifest["config"]["data"].get("categories") or [])
+
+
+def _header(manifest: dict[str, Any], iterations: list[_Iteration]) -> str:
+    config = manifest["config"]
+    data = config["data"]
+    curated = manifest.get("stages", {}).get("curate", {})
+    counts = curated.get("counts") if curated.get("status") == "done" else None
+    facts = [
+        ("run", config.get("name", "?")),
+        ("dataset", f"{data.get('dataset', '?')} at {data.get('image_size', '?')} px"),
+        ("categories", ", ".join(_categories(manifest, iterations)) or "all"),
+        ("profile", config.get("profile", "?")),
+        (
+            "iterations",
+            f"{sum(it.stats is not None for it in iterations)} of {config.get('iterations', '?')}",
+        ),
+        ("mode", config.get("mode", "?")),
+        ("created", manifest.get("created", "?")),
+        (
+            "curated set",
+            "none yet"
+            if counts is None
+            else ", ".join(f"{c}: {n} hard" for c, n in counts.items()) or "empty",
+        ),
+    ]
+    versions = manifest.get("versions", {}) or {}
+    rows = [[html.escape(k), html.escape(str(v))] for k, v in facts]
+    rows.append(["versions", html.escape(", ".join(f"{k} {v}" for k, v in versions.items()) or "unknown")])
+    lines = "".join(
+        f"<li><b>{html.escape(t)}</b>: {html.escape(line)}</li>" for t, line in HOW_TO_READ.items()
+    )
+    how = f"<p>How to read this report:</p><ul class=how>{lines}</ul>"
+    title = html.escape(f"kka-synth run {config.get('name', '')}")
+    return f"<header><h1>{title}</h1>{_table(None, rows, left=2)}{how}</header>"
+
+
+def _hard_share_section(iterations: list[_Iteration]) -> str:
+    done = [it for it in iterations if it.stats is not None]
+    notes = [it.notes["stats"] for it in iterations if "stats" in it.notes]
+    if not done:
+        return _section("Hard share", _notes([*notes, "no iteration has finished yet"]))
+    ks = [it.k for it in done]
+    figure = _figure(7.5, 3.4)
+    axes = figure.add_subplot()
+    colours = {"overall": "black"}
+    categories = list(dict.fromkeys(c for it in done for c in (it.stats.get("per_category") or {})))
+    for index, name in enumerate(categories):
+        colours[name] = f"C{index % 10}"
+    for name, colour in colours.items():
+        for key, style, label in (("hard_share", "-", "refit"), ("hard_share_judge", "--", "judge")):
+            if name == "overall":
+                values = [_number(it.stats.get(key)) for it in done]
+            else:
+                values = [
+                    _number(((it.stats.get("per_category") or {}).get(name) or {}).get(key)) for it in done
+                ]
+            points = [(k, v) for k, v in zip(ks, values, strict=True) if v is not None]
+            if points:
+                axes.plot(
+                    *zip(*points, strict=True),
+                    style,
+                    marker="o",
+                    color=colour,
+                    linewidth=2.2 if name == "overall" else 1.2,
+                    label=f"{name} ({label})",
+                )
+    axes.set(xlabel="iteration", ylabel="hard share", ylim=(-0.02, 1.02), xticks=ks)
+    axes.grid(alpha=0.3)
+    if axes.get_lines():
+        axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    head = [
+        "iteration", "proposals", "parse fail", "render fail", "filtered", "kept", "hard share",
+        "judge share", "median hardness", "distinct specs", "DPO margin", "seconds",
+    ]  # fmt: skip
+    rows = []
+    for it in done:
+        s = it.stats
+        dpo = s.get("dpo") or {}
+        margin = "–"
+        if _number(dpo.get("margin_before")) is not None or _number(dpo.get("margin_after")) is not None:
+            margin = f"{_fmt(dpo.get('margin_before'))} → {_fmt(dpo.get('margin_after'))}"
+        seconds = [_number(v) for v in (s.get("seconds") or {}).values()]
+        total = sum(v for v in seconds if v is not None) if seconds else None
+        rows.append(
+            [str(it.k)]
+            + [
+                _fmt(s.get(key))
+                for key in ("proposals", "parse_failures", "render_failures", "filtered", "kept")
+            ]
+            + [_fmt(s.get(key)) for key in ("hard_share", "hard_share_judge", "median_hardness")]
+            + [_fmt(s.get("distinct_specs")), margin, _fmt(total, 1)]
+        )
+    body = _notes(notes) + _img(_figure_uri(figure), "hard share per iteration") + _table(head, rows)
+    return _section("Hard share", body)
+
+
+def _kept(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Kept candidates (hard or easy) with a finite hardness."""
+    return [r for r in rows if r.get("label") in ("hard", "easy") and _number(r.get("hardness")) is not None]
+
+
+def _hardness_section(iterations: list[_Iteration]) -> str:
+    notes = [it.notes["rows"] for it in iterations if "rows" in it.notes]
+    kept = {it.k: _kept(it.rows) for it in iterations if it.rows is not None}
+    values = [r["hardness"] for rows in kept.values() for r in rows]
+    if not values:
+        return _section("Hardness", _notes([*notes, "no kept candidate has a hardness yet"]))
+    bins = _symlog_bins(np.asarray(values))
+    plots = []
+    for k, rows in kept.items():
+        if not rows:
+            notes.append(f"iteration {k}: no kept candidate with a hardness")
+            continue
+        figure = _figure(3.3, 2.3)
+        axes = figure.add_subplot()
+        groups = [[r["hardness"] for r in rows if r["label"] == label] for label in ("hard", "easy")]
+        axes.hist(groups, bins=bins, stacked=True, color=["#d62728", "#1f77b4"], label=["hard", "easy"])
+        axes.axvline(0.0, color="k", linestyle=":", linewidth=1)
+        axes.set_xscale("symlog", linthresh=1.0)
+        axes.set(title=f"iteration {k} ({len(rows)} kept)", xlabel="hardness", ylabel="count")
+        axes.title.set_fontsize(9)
+        axes.legend(fontsize=7)
+        plots.append(_img(_figure_uri(figure), f"hardness histogram, iteration {k}"))
+    return _section("Hardness", _notes(notes) + f'<div class="row">{"".join(plots)}</div>')
+
+
+def _symlog_bins(values: np.ndarray, count: int = 24) -> np.ndarray:
+    """About ``count`` bin edges even in ``sign(x) * log(1 + |x|)``, with 0 an edge (hard and easy never share
+    a bin): hardness is unbounded below, and an easy tail of -300 would squash linear bins near 0."""
+    squashed = np.sign(values) * np.log1p(np.abs(values))
+    low, high = min(float(squashed.min()), -1.0), max(float(squashed.max()), 1.0)
+    width = (high - low) / count
+    below = np.linspace(low, 0.0, max(1, math.ceil(-low / width)) + 1)
+    above = np.linspace(0.0, high, max(1, math.ceil(high / width)) + 1)[1:]
+    edges = np.concatenate([below, above])
+    return np.sign(edges) * np.expm1(np.abs(edges))
+
+
+def _rejection_section(iterations: list[_Iteration]) -> str:
+    done = [it for it in iterations if it.stats is not None and isinstance(it.stats.get("rejections"), dict)]
+    if not done:
+        return _section("Rejections", _note("no iteration has rejection counts yet"))
+    reasons = sorted({reason for it in done for reason in it.stats["rejections"]})
+    if not reasons:
+        return _section("Rejections", "<p>No proposal was rejected.</p>")
+    figure = _figure(8.0, 1.2 + 0.4 * len(done))
+    axes = figure.add_subplot()
+    labels = [f"iteration {it.k}" for it in done]
+    left = np.zeros(len(done))
+    for index, reason in enumerate(reasons):
+        counts = np.array([float(_number(it.stats["rejections"].get(reason)) or 0.0) for it in done])
+        colour = f"C{index}" if len(reasons) <= 10 else colormaps["tab20"](index % 20)
+        axes.barh(labels, counts, left=left, color=colour, label=reason)
+        left += counts
+    axes.invert_yaxis()
+    axes.set(xlabel="rejected proposals")
+    axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return _section("Rejections", _img(_figure_uri(figure), "rejection reasons per iteration"))
+
+
+def _sample_section(iterations: list[_Iteration]) -> str:
+    notes: list[str] = []
+    latest: dict[str, tuple[int, list[dict[str, Any]], Path]] = {}  # category -> its last iteration's kept
+    for it in reversed(iterations):
+        kept = _kept(it.rows or [])
+        for name in dict.fromkeys(r["category"] for r in kept):
+            if name not in latest:
+                latest[name] = (it.k, [r for r in kept if r["category"] == name], it.folder)
+    if not latest:
+        return _section("Samples", _note("no kept candidates to show yet"))
+    per_side = max(1, min(SAMPLES_PER_SIDE, SAMPLE_BUDGET // (2 * len(latest))))
+    parts = []
+    for name, (k, rows, folder) in sorted(latest.items()):
+        ranked = sorted(rows, key=lambda r: r["hardness"], reverse=True)
+        n_hard = min(per_side, (len(ranked) + 1) // 2)
+        hardest = ranked[:n_hard]
+        easiest = ranked[n_hard:][-per_side:][::-1]
+        parts.append(f"<h3>{html.escape(name)} (iteration {k}, {len(rows)} kept)</h3>")
+        for title, group in (("hardest", hardest), ("easiest", easiest)):
+            if group:
+                cards = "".join(_sample_card(row, folder, notes) for row in group)
+                parts.append(f'<p><b>{title}</b></p><div class="row">{cards}</div>')
+    return _section("Samples", _notes(notes) + "".join(parts))
+
+
+def _sample_card(row: dict[str, Any], folder: Path, notes: list[str]) -> str:
+    spec = row.get("spec") or {}
+    pictures = ""
+    try:
+        image = _thumbnail(folder / str(row["image"]))
+        pictures = _thumb_img(image, str(row["id"]))
+        try:
+            outlined = _outlined(image, folder / str(row["mask"]))
+            pictures += _thumb_img(outlined, f"{row['id']} with its mask outlined")
+        except _READ_ERRORS as error:
+            notes.append(_warn(f"{row['id']}: mask unreadable ({_why(error)})"))
+    except _READ_ERRORS as error:
+        notes.append(_warn(f"{row['id']}: image unreadable ({_why(error)})"))
+        pictures = "<p>(image unreadable)</p>"
+    words = [spec.get("defect_type", "?"), spec.get("shape", "?"), spec.get("tone", "?")]
+    line = " · ".join(str(w) for w in words)
+    size = _number(spec.get("size"))
+    line += f" · size {'–' if size is None else f'{size:.3g}'} · severity {_fmt(spec.get('severity'), 1)}"
+    judge = _fmt(row.get("hardness_judge"))
+    return (
+        f'<div class="card">{pictures}<div>{html.escape(line)}</div>'
+        f"<div><i>{html.escape(str(spec.get('description', '')))}</i></div>"
+        f"<div>hardness <b>{_fmt(row['hardness'])}</b> ({html.escape(str(row['label']))}), judge {judge}"
+        f" · {html.escape(str(row['id']))}</div></div>"
+    )
+
+
+# evaluation --------------------------------------------------------------------------------------------
+def _evaluation_section(run_dir: Path) -> str:
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        return _section("Evaluation", _note(f"no evaluation yet: run `kka-synth eval {run_dir}`"))
+    notes: list[str] = []
+    metrics = _read_json(path, notes)
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("categories"), dict):
+        if metrics is not None:
+            notes.append(_warn("metrics.json has no 'categories' mapping"))
+        return _section("Evaluation", _notes(notes))
+    seeds = metrics.get("seeds") or [0]
+    parts = [
+        f"<p>dataset {html.escape(str(metrics.get('dataset', '?')))}, {_fmt(metrics.get('image_size'))} px, "
+        f"seeds {html.escape(', '.join(str(s) for s in seeds))}</p>"
+    ]
+    for category, detectors in metrics["categories"].items():
+        parts.append(f"<h3>{html.escape(str(category))}</h3>")
+        if not isinstance(detectors, dict):
+            notes.append(_warn(f"metrics.json: category {category} is not a mapping"))
+            continue
+        parts.append(_metrics_table(detectors))
+        results = {}
+        for detector, variants in detectors.items():
+            for variant in variants if isinstance(variants, dict) else {}:
+                result_path = (
+                    run_dir / "eval" / category / detector / variant / f"seed{seeds[0]}" / "result.json"
+                )
+                result = _read_json(result_path, notes)
+                if isinstance(result, dict):
+                    results[(detector, variant)] = (result, result_path.parent)
+        parts.append(_roc_plots(category, results, notes))
+        parts.append(_overlays(results, notes))
+    return _section("Evaluation", "".join(parts) + _notes(notes))
+
+
+def _metrics_table(detectors: dict[str, Any]) -> str:
+    rows: list[tuple[str, str, dict[str, Any]]] = [
+        (det, var, entry)
+        for det, variants in detectors.items()
+        if isinstance(variants, dict)
+        for var, entry in variants.items()
+        if isinstance(entry, dict)
+    ]
+    best = {}
+    for key, _ in METRICS:
+        means = [_number((entry.get("mean") or {}).get(key)) for _, _, entry in rows]
+        present = [m for m in means if m is not None]
+        best[key] = max(present) if present else None
+    head = ["detector", "variant", *(label for _, label in METRICS), "seeds", "train s"]
+    body = []
+    for detector, variant, entry in rows:
+        cells = [html.escape(detector), html.escape(variant)]
+        for key, _ in METRICS:
+            mean = _number((entry.get("mean") or {}).get(key))
+            std = _number((entry.get("std") or {}).get(key))
+            text = _metric_cell(mean, std)
+            if mean is not None and best[key] is not None and math.isclose(mean, best[key], abs_tol=1e-12):
+                text = f"<b>{text}</b>"
+            cells.append(text)
+        cells += [_fmt(entry.get("n")), _fmt(entry.get("train_seconds"), 1)]
+        body.append(cells)
+    return _table(head, body, left=2)
+
+
+def _metric_cell(mean: float | None, std: float | None) -> str:
+    """``mean ± std`` with three decimals; the mean alone without a std; a dash without a mean."""
+    if mean is None:
+        return "–"
+    return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
+
+
+def _curve(result: dict[str, Any], name: str) -> tuple[list[float], list[float]] | None:
+    curve = (result.get("curves") or {}).get(name)
+    if not isinstance(curve, dict):
+        return None
+    fpr, tpr = curve.get("fpr"), curve.get("tpr")
+    if not isinstance(fpr, list) or not isinstance(tpr, list) or len(fpr) != len(tpr) or len(fpr) < 2:
+        raise ValueError(f"{name} needs fpr and tpr lists of one length (at least 2)")
+    if any(_number(v) is None or not 0.0 <= v <= 1.0 for v in fpr + tpr):
+        raise ValueError(f"{name} holds values that are no rates in [0, 1]")
+    return fpr, tpr
+
+
+def _roc_plots(category: str, results: dict[tuple[str, str], tuple[dict, Path]], notes: list[str]) -> str:
+    images = []
+    for detector in dict.fromkeys(det for det, _ in results):
+        curves: dict[str, list[tuple[str, list[float], list[float]]]] = {"image_roc": [], "pixel_roc": []}
+        for (det, variant), (result, folder) in results.items():
+            if det != detector:
+                continue
+            for name in curves:
+                try:
+                    points = _curve(result, name)
+                except ValueError as error:
+                    notes.append(_warn(f"{_relative(folder)}: {error}"))
+                    continue
+                if points is not None:
+                    curves[name].append((variant, *points))
+        panels = [(name, lines) for name, lines in curves.items() if lines]
+        if not panels:
+            continue
+        figure = _figure(3.6 * len(panels), 3.2)
+        for index, (name, lines) in enumerate(panels, start=1):
+            axes = figure.add_subplot(1, len(panels), index)
+            for variant, fpr, tpr in lines:
+                axes.plot(fpr, tpr, linewidth=1.4, label=variant)
+            axes.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+            level = name.split("_")[0]
+            axes.set(
+                title=f"{detector}: {level} ROC", xlabel="false positive rate", ylabel="true positive rate"
+            )
+            axes.set(xlim=(0, 1), ylim=(0, 1.01))
+            axes.title.set_fontsize(9)
+            axes.legend(fontsize=7, loc="lower right")
+        images.append(_img(_figure_uri(figure), f"{category} {detector} ROC curves"))
+    return f'<div class="row">{"".join(images)}</div>' if images else ""
+
+
+def _overlays(results: dict[tuple[str, str], tuple[dict, Path]], notes: list[str]) -> str:
+    if not results:
+        return ""
+    per_result = max(1, OVERLAY_BUDGET // len(results))
+    cards = []
+    for (detector, variant), (result, folder) in results.items():
+        overlays = result.get("overlays") or []
+        for entry in overlays[:per_result]:
+            try:
+                image = _thumbnail(folder / str(entry["file"]))
+            except _READ_ERRORS as error:
+                notes.append(_warn(f"{_relative(folder)}: overlay unreadable ({_why(error)})"))
+                continue
+            label = "anomalous" if entry.get("label") == 1 else "good" if entry.get("label") == 0 else "?"
+            score = _fmt(entry.get("score"), 3)
+            caption = f"{detector} / {variant}: {entry.get('image', '?')} ({label}), score {score}"
+            picture = _thumb_img(image, caption)
+            cards.append(f'<div class="cap">{picture}<br>{html.escape(caption)}</div>')
+    return f"<h4>Anomaly maps</h4><div class='row'>{''.join(cards)}</div>" if cards else ""
+
+
+__all__ = ["REPORT", "write_report"]
