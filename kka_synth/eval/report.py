@@ -31,7 +31,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image, UnidentifiedImageError
 
-from kka_synth.runs import MANIFEST, RunError, atomic_write_text, read_candidates
+from kka_synth.runs import MANIFEST, RunDir, RunError, atomic_write_text, read_candidates
 
 logger = logging.getLogger(__name__)
 
@@ -117,17 +117,10 @@ def write_report(run_dir: Path) -> Path:
         RunError: when ``run_dir`` or its manifest is missing or the manifest is unreadable.
     """
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise RunError(f"no run directory at {run_dir}")
-    manifest_path = run_dir / MANIFEST
-    if not manifest_path.is_file():
-        raise RunError(f"{run_dir} is no run directory: {MANIFEST} is missing")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        config = manifest["config"]
-        config["data"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise RunError(f"cannot read {manifest_path}: {error}") from None
+    manifest = RunDir.load(run_dir).manifest
+    config = manifest.get("config")
+    if not isinstance(config, dict) or not isinstance(config.get("data"), dict):
+        raise RunError(f"{run_dir / MANIFEST} holds no run config")
     iterations = _load_iterations(run_dir, int(config.get("iterations") or 0))
     sections = [
         _guarded("Run", _header, manifest, iterations),

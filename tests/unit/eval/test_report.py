@@ -314,13 +314,16 @@ def test_nan_hardness_is_left_out_of_plots_and_samples(tmp_path: Path):
 
 
 def test_missing_run_dir_or_manifest_raises(tmp_path: Path):
-    with pytest.raises(RunError, match="no run directory"):
+    with pytest.raises(RunError, match="not a run directory"):
         write_report(tmp_path / "absent")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(RunError, match="manifest.json is missing"):
+    with pytest.raises(RunError, match=r"not a run directory \(no manifest.json\)"):
         write_report(tmp_path / "empty")
     (tmp_path / "empty" / "manifest.json").write_text("{not json")
     with pytest.raises(RunError, match="cannot read"):
+        write_report(tmp_path / "empty")
+    (tmp_path / "empty" / "manifest.json").write_text("{}")
+    with pytest.raises(RunError, match="holds no run config"):
         write_report(tmp_path / "empty")
 
 
