@@ -26,121 +26,131 @@ class ConfigError(ValueError):
     """A configuration value is wrong; the message is one line naming the field."""
 
 
-def _help(text: str, **kwargs: Any) -> Any:
+def help_field(text: str, **kwargs: Any) -> Any:
+    """A dataclass field that carries its help text (shown by docs and the CLI)."""
     return field(metadata={"help": text}, **kwargs)
 
 
-def _check(condition: bool, message: str) -> None:
+def check_config(condition: bool, message: str) -> None:
+    """Raise :class:`ConfigError` with ``message`` unless ``condition`` holds."""
     if not condition:
         raise ConfigError(message)
 
 
 @dataclass
 class DataConfig:
-    dataset: str = _help("Dataset layout: " + ", ".join(DATASETS) + ".", default="demo")
-    root: str | None = _help("Dataset root folder (not needed for demo).", default=None)
-    categories: list[str] = _help("Categories to use; empty means all.", default_factory=list)
-    image_size: int = _help("Side in pixels that images are resized to for the loop.", default=128)
-    holdout: float = _help(
+    dataset: str = help_field("Dataset layout: " + ", ".join(DATASETS) + ".", default="demo")
+    root: str | None = help_field("Dataset root folder (not needed for demo).", default=None)
+    categories: list[str] = help_field("Categories to use; empty means all.", default_factory=list)
+    image_size: int = help_field("Side in pixels that images are resized to for the loop.", default=128)
+    holdout: float = help_field(
         "Share of train/good held out to calibrate the hard rule and the filters.", default=0.25
     )
 
     def __post_init__(self) -> None:
-        _check(
+        check_config(
             self.dataset in DATASETS,
             f"data.dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}",
         )
-        _check(
+        check_config(
             self.dataset == "demo" or self.root is not None,
             f"data.root is required for dataset {self.dataset!r} (pass --data-root)",
         )
-        _check(16 <= self.image_size <= 4096, f"data.image_size must be in [16, 4096], got {self.image_size}")
-        _check(0.05 <= self.holdout <= 0.5, f"data.holdout must be in [0.05, 0.5], got {self.holdout}")
+        check_config(
+            16 <= self.image_size <= 4096, f"data.image_size must be in [16, 4096], got {self.image_size}"
+        )
+        check_config(0.05 <= self.holdout <= 0.5, f"data.holdout must be in [0.05, 0.5], got {self.holdout}")
 
 
 @dataclass
 class ProposerConfig:
-    backend: str = _help("Proposer backend: compact (offline) or transformers (hub).", default="compact")
-    model: str | None = _help("Hub id or local path of the model; None builds the compact LM.", default=None)
-    temperature: float = _help("Sampling temperature.", default=1.0)
-    top_p: float = _help("Nucleus sampling mass.", default=1.0)
-    max_new_tokens: int = _help("Longest completion in tokens.", default=64)
-    batch_size: int = _help("Completions sampled per generate call.", default=64)
-    constrained: bool = _help("Constrain sampling to the spec's JSON grammar.", default=True)
-    pretrain_steps: int = _help("Pretraining steps of the compact LM on the knowledge corpus.", default=300)
+    backend: str = help_field("Proposer backend: compact (offline) or transformers (hub).", default="compact")
+    model: str | None = help_field(
+        "Hub id or local path of the model; None builds the compact LM.", default=None
+    )
+    temperature: float = help_field("Sampling temperature.", default=1.0)
+    top_p: float = help_field("Nucleus sampling mass.", default=1.0)
+    max_new_tokens: int = help_field("Longest completion in tokens.", default=64)
+    batch_size: int = help_field("Completions sampled per generate call.", default=64)
+    constrained: bool = help_field("Constrain sampling to the spec's JSON grammar.", default=True)
+    pretrain_steps: int = help_field(
+        "Pretraining steps of the compact LM on the knowledge corpus.", default=300
+    )
 
     def __post_init__(self) -> None:
-        _check(
+        check_config(
             self.backend in ("compact", "transformers"),
             f"proposer.backend must be compact or transformers, got {self.backend!r}",
         )
-        _check(
+        check_config(
             0.0 < self.temperature <= 5.0, f"proposer.temperature must be in (0, 5], got {self.temperature}"
         )
-        _check(0.0 < self.top_p <= 1.0, f"proposer.top_p must be in (0, 1], got {self.top_p}")
-        _check(self.max_new_tokens > 0, "proposer.max_new_tokens must be positive")
-        _check(self.batch_size > 0, "proposer.batch_size must be positive")
-        _check(self.pretrain_steps >= 0, "proposer.pretrain_steps must be >= 0")
+        check_config(0.0 < self.top_p <= 1.0, f"proposer.top_p must be in (0, 1], got {self.top_p}")
+        check_config(self.max_new_tokens > 0, "proposer.max_new_tokens must be positive")
+        check_config(self.batch_size > 0, "proposer.batch_size must be positive")
+        check_config(self.pretrain_steps >= 0, "proposer.pretrain_steps must be >= 0")
 
 
 @dataclass
 class RenderConfig:
-    renderers: list[str] = _help("Renderers, in order of preference.", default_factory=lambda: ["procedural"])
+    renderers: list[str] = help_field(
+        "Renderers, in order of preference.", default_factory=lambda: ["procedural"]
+    )
 
     def __post_init__(self) -> None:
-        _check(len(self.renderers) > 0, "render.renderers must name at least one renderer")
+        check_config(len(self.renderers) > 0, "render.renderers must name at least one renderer")
 
 
 @dataclass
 class FilterConfig:
-    match_band: bool = _help("Reject renders outside the keypoint match-count band.", default=True)
-    band_quantiles: tuple[float, float] = _help(
+    match_band: bool = help_field("Reject renders outside the keypoint match-count band.", default=True)
+    band_quantiles: tuple[float, float] = help_field(
         "Band edges as quantiles of calibration scores (see synth.filters).", default=(0.02, 0.98)
     )
-    locality: bool = _help("Reject renders that change pixels outside their mask.", default=True)
-    locality_min_inside: float = _help(
+    locality: bool = help_field("Reject renders that change pixels outside their mask.", default=True)
+    locality_min_inside: float = help_field(
         "Least share of the change that must lie inside the mask.", default=0.9
     )
 
     def __post_init__(self) -> None:
         low, high = self.band_quantiles
-        _check(
+        check_config(
             0.0 <= low < high <= 1.0,
             f"filters.band_quantiles must satisfy 0 <= low < high <= 1, got {low, high}",
         )
-        _check(0.0 < self.locality_min_inside <= 1.0, "filters.locality_min_inside must be in (0, 1]")
+        check_config(0.0 < self.locality_min_inside <= 1.0, "filters.locality_min_inside must be in (0, 1]")
 
 
 @dataclass
 class EvaluatorConfig:
-    name: str = _help("Confusion evaluator: deepsad-cnn.", default="deepsad-cnn")
-    eta: float = _help("Weight of the labelled-anomaly term of Deep SAD.", default=1.0)
-    pretrain_epochs: int = _help("Autoencoder pretraining epochs.", default=20)
-    epochs: int = _help("Deep SAD training epochs.", default=50)
-    size: int = _help("Side in pixels the evaluator sees images at (a multiple of 4).", default=128)
-    crop: int | None = _help(
+    name: str = help_field("Confusion evaluator: deepsad-cnn.", default="deepsad-cnn")
+    eta: float = help_field("Weight of the labelled-anomaly term of Deep SAD.", default=1.0)
+    pretrain_epochs: int = help_field("Autoencoder pretraining epochs.", default=20)
+    epochs: int = help_field("Deep SAD training epochs.", default=50)
+    size: int = help_field("Side in pixels the evaluator sees images at (a multiple of 4).", default=128)
+    crop: int | None = help_field(
         "Train on random crops of this side (full resolution at a fraction of the "
         "cost); None trains on whole images.",
         default=64,
     )
-    folds: int = _help("Cross-fitting folds: no candidate is scored by a model that saw it.", default=2)
-    hard_quantile: float = _help(
+    folds: int = help_field("Cross-fitting folds: no candidate is scored by a model that saw it.", default=2)
+    hard_quantile: float = help_field(
         "A kept candidate is hard when it scores below this quantile of held-out normal scores.", default=0.95
     )
 
     def __post_init__(self) -> None:
-        _check(self.name in ("deepsad-cnn",), f"evaluator.name must be deepsad-cnn, got {self.name!r}")
-        _check(self.eta > 0, "evaluator.eta must be positive")
-        _check(
+        check_config(self.name in ("deepsad-cnn",), f"evaluator.name must be deepsad-cnn, got {self.name!r}")
+        check_config(self.eta > 0, "evaluator.eta must be positive")
+        check_config(
             self.size % 4 == 0 and self.size >= 16,
             f"evaluator.size must be a multiple of 4 >= 16, got {self.size}",
         )
-        _check(
+        check_config(
             self.crop is None or (self.crop % 4 == 0 and 16 <= self.crop <= self.size),
             f"evaluator.crop must be None or a multiple of 4 in [16, evaluator.size], got {self.crop}",
         )
-        _check(self.folds >= 2, "evaluator.folds must be >= 2")
-        _check(0.5 <= self.hard_quantile < 1.0, "evaluator.hard_quantile must be in [0.5, 1)")
+        check_config(self.folds >= 2, "evaluator.folds must be >= 2")
+        check_config(0.5 <= self.hard_quantile < 1.0, "evaluator.hard_quantile must be in [0.5, 1)")
 
 
 def _default_dpo() -> dict[str, Any]:
@@ -160,64 +170,70 @@ def _default_lora() -> dict[str, Any]:
 
 @dataclass
 class AlignmentConfig:
-    enabled: bool = _help("Run DPO after each iteration (off gives the no-DPO control).", default=True)
-    pairs_per_prompt: int = _help("Hardest x easiest pairs taken per prompt.", default=16)
-    max_pairs: int = _help("Cap on preference pairs per round.", default=128)
-    dpo: dict[str, Any] = _help("Keyword arguments for trl.DPOConfig.", default_factory=_default_dpo)
-    lora: dict[str, Any] = _help("Keyword arguments for peft.LoraConfig.", default_factory=_default_lora)
+    enabled: bool = help_field("Run DPO after each iteration (off gives the no-DPO control).", default=True)
+    pairs_per_prompt: int = help_field("Hardest x easiest pairs taken per prompt.", default=16)
+    max_pairs: int = help_field("Cap on preference pairs per round.", default=128)
+    dpo: dict[str, Any] = help_field("Keyword arguments for trl.DPOConfig.", default_factory=_default_dpo)
+    lora: dict[str, Any] = help_field("Keyword arguments for peft.LoraConfig.", default_factory=_default_lora)
 
     def __post_init__(self) -> None:
-        _check(self.pairs_per_prompt > 0, "alignment.pairs_per_prompt must be positive")
-        _check(self.max_pairs > 0, "alignment.max_pairs must be positive")
+        check_config(self.pairs_per_prompt > 0, "alignment.pairs_per_prompt must be positive")
+        check_config(self.max_pairs > 0, "alignment.max_pairs must be positive")
 
 
 @dataclass
 class EvalConfig:
-    detectors: list[str] = _help(
+    detectors: list[str] = help_field(
         "Detectors to train and test (see kka_synth.detectors).", default_factory=lambda: ["draem"]
     )
-    variants: list[str] = _help(
+    variants: list[str] = help_field(
         "Synthetic-set variants: none, rule, kka, two-stage, reverse.", default_factory=lambda: list(VARIANTS)
     )
-    seeds: int = _help("Seeds per detector and variant; tables show mean and std over them.", default=1)
-    image_size: int | None = _help("Side detectors work at (None: the run's data.image_size).", default=None)
-    rule_share: float = _help(
+    seeds: int = help_field("Seeds per detector and variant; tables show mean and std over them.", default=1)
+    image_size: int | None = help_field(
+        "Side detectors work at (None: the run's data.image_size).", default=None
+    )
+    rule_share: float = help_field(
         "Share of training steps on rule-based anomalies in two-stage and reverse (the rest is the kka set).",
         default=0.5,
     )
-    overlays: int = _help("Test images per category shown with their anomaly maps in the report.", default=4)
-    options: dict[str, dict[str, Any]] = _help(
+    overlays: int = help_field(
+        "Test images per category shown with their anomaly maps in the report.", default=4
+    )
+    options: dict[str, dict[str, Any]] = help_field(
         "Per-detector config overrides, e.g. {draem: {steps: 400}}.", default_factory=dict
     )
 
     def __post_init__(self) -> None:
-        _check(bool(self.detectors), "eval.detectors must name at least one detector")
-        _check(bool(self.variants), "eval.variants must name at least one variant")
+        check_config(bool(self.detectors), "eval.detectors must name at least one detector")
+        check_config(bool(self.variants), "eval.variants must name at least one variant")
         unknown = [v for v in self.variants if v not in VARIANTS]
-        _check(
+        check_config(
             not unknown,
             f"unknown eval variant {unknown[0] if unknown else ''!r} (known: {', '.join(VARIANTS)})",
         )
-        _check(len(set(self.variants)) == len(self.variants), "eval.variants lists a variant twice")
-        _check(1 <= self.seeds <= 100, f"eval.seeds must be in [1, 100], got {self.seeds}")
-        _check(
+        check_config(len(set(self.variants)) == len(self.variants), "eval.variants lists a variant twice")
+        check_config(1 <= self.seeds <= 100, f"eval.seeds must be in [1, 100], got {self.seeds}")
+        check_config(
             self.image_size is None or 16 <= self.image_size <= 4096,
             f"eval.image_size must be in [16, 4096], got {self.image_size}",
         )
-        _check(0.0 < self.rule_share < 1.0, f"eval.rule_share must be in (0, 1), got {self.rule_share}")
-        _check(0 <= self.overlays <= 64, f"eval.overlays must be in [0, 64], got {self.overlays}")
-        _check(isinstance(self.options, dict), "eval.options must map detector names to mappings")
+        check_config(0.0 < self.rule_share < 1.0, f"eval.rule_share must be in (0, 1), got {self.rule_share}")
+        check_config(0 <= self.overlays <= 64, f"eval.overlays must be in [0, 64], got {self.overlays}")
+        check_config(isinstance(self.options, dict), "eval.options must map detector names to mappings")
 
 
 @dataclass
 class RunConfig:
-    name: str = _help("Run name; the run directory is OUT/NAME.", default="demo")
-    out: str = _help("Folder that holds run directories.", default="runs")
-    profile: str = _help("offline (CPU, no downloads) or hub (pretrained weights).", default="offline")
-    iterations: int = _help("KKA iterations.", default=3)
-    proposals_per_iteration: int = _help("Proposals sampled per category per iteration.", default=64)
-    mode: str = _help("Curation: add = union of hard sets, rep = the latest hard set (KKA).", default="add")
-    seed: int = _help("Seed of every random choice in the run.", default=0)
+    name: str = help_field("Run name; the run directory is OUT/NAME.", default="demo")
+    out: str = help_field("Folder that holds run directories.", default="runs")
+    profile: str = help_field("offline (CPU, no downloads) or hub (pretrained weights).", default="offline")
+    iterations: int = help_field("KKA iterations.", default=3)
+    proposals_per_iteration: int = help_field("Proposals sampled per category per iteration.", default=64)
+    mode: str = help_field(
+        "Curation: add = union of hard sets, rep = the latest hard set (KKA).", default="add"
+    )
+    seed: int = help_field("Seed of every random choice in the run.", default=0)
     data: DataConfig = field(default_factory=DataConfig)
     proposer: ProposerConfig = field(default_factory=ProposerConfig)
     render: RenderConfig = field(default_factory=RenderConfig)
@@ -227,16 +243,16 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
-        _check(
+        check_config(
             self.profile in PROFILES, f"profile must be one of {', '.join(PROFILES)}, got {self.profile!r}"
         )
-        _check(self.mode in MODES, f"mode must be add or rep, got {self.mode!r}")
-        _check(1 <= self.iterations <= 100, f"iterations must be in [1, 100], got {self.iterations}")
-        _check(
+        check_config(self.mode in MODES, f"mode must be add or rep, got {self.mode!r}")
+        check_config(1 <= self.iterations <= 100, f"iterations must be in [1, 100], got {self.iterations}")
+        check_config(
             self.proposals_per_iteration >= 2,
             f"proposals_per_iteration must be >= 2, got {self.proposals_per_iteration}",
         )
-        _check(
+        check_config(
             bool(self.name) and "/" not in self.name and self.name not in (".", ".."),
             f"name must be a plain folder name, got {self.name!r}",
         )

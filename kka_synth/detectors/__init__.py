@@ -11,6 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
+from kka_synth.detectors.draem import DraemDetector
 from kka_synth.types import DetectorOutput, SyntheticStage
 
 
@@ -30,5 +31,5 @@ class Detector(Protocol):
     def load(cls, path: Path) -> Detector: ...
 
 
-DETECTORS: dict[str, type] = {}
+DETECTORS: dict[str, type] = {"draem": DraemDetector}
 """CLI name -> detector class; the bundled detectors register here as they are added."""
