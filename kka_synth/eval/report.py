@@ -596,7 +596,7 @@ def _metrics_table(detectors: dict[str, Any]) -> str:
         for key, _ in METRICS:
             mean = _number((entry.get("mean") or {}).get(key))
             std = _number((entry.get("std") or {}).get(key))
-            text = _metric_cell(mean, std)
+            text = _metric_cell(mean, None if entry.get("n") == 1 else std)  # one seed has no spread
             if mean is not None and best[key] is not None and math.isclose(mean, best[key], abs_tol=1e-12):
                 text = f"<b>{text}</b>"
             cells.append(text)

@@ -388,3 +388,12 @@ def test_malformed_pieces_cost_only_their_section(tmp_path: Path, caplog: pytest
     assert "eval/brick/vfm/none/seed0: image_roc holds values that are no rates in [0, 1]" in page
     assert "brick (iteration 2, 3 kept)" in page and "<b>0.912 ± 0.012</b>" in page
     assert any("Hard share section failed" in r.getMessage() for r in caplog.records)
+
+
+def test_one_seed_shows_the_mean_without_a_spread():
+    from kka_synth.eval.report import _metrics_table
+
+    one = {"mean": {"image_auroc": 0.8}, "std": {"image_auroc": 0.0}, "n": 1, "train_seconds": 3.0}
+    three = {"mean": {"image_auroc": 0.7}, "std": {"image_auroc": 0.05}, "n": 3, "train_seconds": 3.0}
+    table = _metrics_table({"draem": {"rule": one, "kka": three}})
+    assert "<b>0.800</b>" in table and "0.800 ±" not in table and "0.700 ± 0.050" in table
