@@ -14,9 +14,7 @@ when any failed.
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import logging
 import math
@@ -27,25 +25,35 @@ from typing import Any
 
 import numpy as np
 from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from kka_synth.eval.html import (
+    figure_uri,
+    finite_number,
+    fmt_cell,
+    img_html,
+    load_thumbnail,
+    new_figure,
+    note_html,
+    notes_html,
+    outlined,
+    read_reason,
+    run_relative,
+    table_html,
+    thumb_html,
+    warn_note,
+)
 from kka_synth.runs import MANIFEST, RunDir, RunError, atomic_write_text, read_candidates
 
 logger = logging.getLogger(__name__)
 
 REPORT = "report.html"
-THUMB = 128
-"""Longest side in pixels of every embedded image."""
 SAMPLES_PER_SIDE = 6
 """Most hardest (and most easiest) kept candidates shown per category."""
 SAMPLE_BUDGET = 96
 """Most candidates shown in the sample grid over all categories (fewer per category when there are many)."""
 OVERLAY_BUDGET = 12
 """Most anomaly-map overlays shown per category, shared by its detectors and variants."""
-OUTLINE = (255, 0, 255)
-"""Colour of the mask outline drawn on a sample."""
 METRICS = (
     ("image_auroc", "image AUROC"),
     ("pixel_auroc", "pixel AUROC"),
@@ -149,8 +157,8 @@ def _guarded(title: str, build: Callable[..., str], *args: Any) -> str:
         return build(*args)
     except _READ_ERRORS as error:
         logger.warning("report: the %s section failed", title, exc_info=True)
-        reason = f"{type(error).__name__}: {_why(error)}"
-        return _section(title, _note(f"this section could not be drawn ({reason})"))
+        reason = f"{type(error).__name__}: {read_reason(error)}"
+        return _section(title, note_html(f"this section could not be drawn ({reason})"))
 
 
 # loading -----------------------------------------------------------------------------------------------
@@ -182,11 +190,11 @@ def _load_iterations(run_dir: Path, planned: int) -> list[_Iteration]:
                     it.stats = None
                     raise ValueError("not a JSON object")
             except (OSError, ValueError) as error:
-                it.notes["stats"] = f"iteration {k}: no readable stats.json ({_why(error)})"
+                it.notes["stats"] = f"iteration {k}: no readable stats.json ({read_reason(error)})"
             try:
                 it.rows = read_candidates(it.folder)
             except _READ_ERRORS as error:
-                it.notes["rows"] = f"iteration {k}: no readable candidates.parquet ({_why(error)})"
+                it.notes["rows"] = f"iteration {k}: no readable candidates.parquet ({read_reason(error)})"
         for note in dict.fromkeys(it.notes.values()):
             logger.warning("report: %s", note)
         out.append(it)
@@ -197,121 +205,8 @@ def _read_json(path: Path, notes: list[str]) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as error:
-        notes.append(_warn(f"cannot read {_relative(path)}: {_why(error)}"))
+        notes.append(warn_note(f"cannot read {run_relative(path)}: {read_reason(error)}"))
         return None
-
-
-# formatting --------------------------------------------------------------------------------------------
-def _why(error: BaseException) -> str:
-    """A short reason for a read failure, without the machine path most error messages carry."""
-    if isinstance(error, FileNotFoundError):
-        return "file missing"
-    if isinstance(error, UnidentifiedImageError):
-        return "not an image"
-    return _first_line(error)
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
-
-
-def _relative(path: Path) -> str:
-    """``path`` from the run's ``eval`` folder on, else its name: notes carry no machine paths."""
-    parts = path.parts
-    if "eval" not in parts:
-        return path.name
-    return "/".join(parts[len(parts) - 1 - parts[::-1].index("eval") :])
-
-
-def _warn(text: str) -> str:
-    logger.warning("report: %s", text)
-    return text
-
-
-def _note(text: str) -> str:
-    return f'<p class="note">{html.escape(text)}</p>'
-
-
-def _notes(texts: list[str]) -> str:
-    return "".join(_note(t) for t in dict.fromkeys(texts))
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
-
-
-def _fmt(value: Any, digits: int = 2) -> str:
-    """A number for a table cell: ints as they are, floats with ``digits`` decimals, else a dash."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    number = _number(value)
-    return "–" if number is None else f"{number:.{digits}f}"
-
-
-def _table(head: list[str] | None, rows: list[list[str]], left: int = 1) -> str:
-    """An HTML table of already escaped cells; the first ``left`` columns are left-aligned."""
-
-    def cells(tag: str, values: list[str]) -> str:
-        return "".join(f"<{tag}{' class=l' if i < left else ''}>{v}</{tag}>" for i, v in enumerate(values))
-
-    body = "".join(f"<tr>{cells('td', row)}</tr>" for row in rows)
-    top = f"<tr>{cells('th', head)}</tr>" if head else ""
-    return f"<table>{top}{body}</table>"
-
-
-def _img(uri: str, alt: str, size: tuple[int, int] | None = None) -> str:
-    dims = f' width="{size[0]}" height="{size[1]}"' if size else ""
-    return f'<img src="{uri}" alt="{html.escape(alt)}"{dims}>'
-
-
-def _thumb_img(image: Image.Image, alt: str) -> str:
-    """A thumbnail as an ``<img>``, shown with its longest side at :data:`THUMB` (small images scale up)."""
-    scale = THUMB / max(image.size)
-    shown = (round(image.size[0] * scale), round(image.size[1] * scale))
-    return _img(_png_uri(image), alt, shown).replace("<img ", '<img class="thumb" ', 1)
-
-
-# images and plots --------------------------------------------------------------------------------------
-def _png_uri(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _figure_uri(figure: Figure) -> str:
-    buffer = io.BytesIO()
-    FigureCanvasAgg(figure).print_png(buffer)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _figure(width: float, height: float) -> Figure:
-    return Figure(figsize=(width, height), dpi=90, layout="constrained")
-
-
-def _thumbnail(path: Path) -> Image.Image:
-    """An image file as RGB, shrunk so its longest side is at most :data:`THUMB`; raises on a bad file."""
-    with Image.open(path) as opened:
-        image = opened.convert("RGB")
-    image.thumbnail((THUMB, THUMB), Image.Resampling.BOX)
-    return image
-
-
-def _outlined(image: Image.Image, mask_path: Path) -> Image.Image:
-    """``image`` with the outline of the mask at ``mask_path`` (resized to it) drawn in :data:`OUTLINE`."""
-    with Image.open(mask_path) as opened:
-        mask_image = opened.convert("L").resize(image.size, Image.Resampling.NEAREST)
-    mask = np.asarray(mask_image) > 0  # (H, W)
-    padded = np.pad(mask, 1)
-    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
-    edge = mask & ~inner
-    grown = np.pad(edge, 1)  # thicken the edge by one pixel inwards and outwards so it reads at 128 px
-    edge = edge | grown[:-2, 1:-1] | grown[2:, 1:-1] | grown[1:-1, :-2] | grown[1:-1, 2:]
-    pixels = np.array(image)  # (H, W, 3)
-    pixels[edge] = OUTLINE
-    return Image.fromarray(pixels)
 
 
 # sections ----------------------------------------------------------------------------------------------
@@ -361,16 +256,16 @@ def _header(manifest: dict[str, Any], iterations: list[_Iteration]) -> str:
     )
     how = f"<p>How to read this report:</p><ul class=how>{lines}</ul>"
     title = html.escape(f"kka-synth run {config.get('name', '')}")
-    return f"<header><h1>{title}</h1>{_table(None, rows, left=2)}{how}</header>"
+    return f"<header><h1>{title}</h1>{table_html(None, rows, left=2)}{how}</header>"
 
 
 def _hard_share_section(iterations: list[_Iteration]) -> str:
     done = [it for it in iterations if it.stats is not None]
     notes = [it.notes["stats"] for it in iterations if "stats" in it.notes]
     if not done:
-        return _section("Hard share", _notes([*notes, "no iteration has finished yet"]))
+        return _section("Hard share", notes_html([*notes, "no iteration has finished yet"]))
     ks = [it.k for it in done]
-    figure = _figure(7.5, 3.4)
+    figure = new_figure(7.5, 3.4)
     axes = figure.add_subplot()
     colours = {"overall": "black"}
     categories = list(dict.fromkeys(c for it in done for c in (it.stats.get("per_category") or {})))
@@ -379,10 +274,11 @@ def _hard_share_section(iterations: list[_Iteration]) -> str:
     for name, colour in colours.items():
         for key, style, label in (("hard_share", "-", "refit"), ("hard_share_judge", "--", "judge")):
             if name == "overall":
-                values = [_number(it.stats.get(key)) for it in done]
+                values = [finite_number(it.stats.get(key)) for it in done]
             else:
                 values = [
-                    _number(((it.stats.get("per_category") or {}).get(name) or {}).get(key)) for it in done
+                    finite_number(((it.stats.get("per_category") or {}).get(name) or {}).get(key))
+                    for it in done
                 ]
             points = [(k, v) for k, v in zip(ks, values, strict=True) if v is not None]
             if points:
@@ -407,26 +303,33 @@ def _hard_share_section(iterations: list[_Iteration]) -> str:
         s = it.stats
         dpo = s.get("dpo") or {}
         margin = "–"
-        if _number(dpo.get("margin_before")) is not None or _number(dpo.get("margin_after")) is not None:
-            margin = f"{_fmt(dpo.get('margin_before'))} → {_fmt(dpo.get('margin_after'))}"
-        seconds = [_number(v) for v in (s.get("seconds") or {}).values()]
+        if (
+            finite_number(dpo.get("margin_before")) is not None
+            or finite_number(dpo.get("margin_after")) is not None
+        ):
+            margin = f"{fmt_cell(dpo.get('margin_before'))} → {fmt_cell(dpo.get('margin_after'))}"
+        seconds = [finite_number(v) for v in (s.get("seconds") or {}).values()]
         total = sum(v for v in seconds if v is not None) if seconds else None
         rows.append(
             [str(it.k)]
             + [
-                _fmt(s.get(key))
+                fmt_cell(s.get(key))
                 for key in ("proposals", "parse_failures", "render_failures", "filtered", "kept")
             ]
-            + [_fmt(s.get(key)) for key in ("hard_share", "hard_share_judge", "median_hardness")]
-            + [_fmt(s.get("distinct_specs")), margin, _fmt(total, 1)]
+            + [fmt_cell(s.get(key)) for key in ("hard_share", "hard_share_judge", "median_hardness")]
+            + [fmt_cell(s.get("distinct_specs")), margin, fmt_cell(total, 1)]
         )
-    body = _notes(notes) + _img(_figure_uri(figure), "hard share per iteration") + _table(head, rows)
+    body = (
+        notes_html(notes) + img_html(figure_uri(figure), "hard share per iteration") + table_html(head, rows)
+    )
     return _section("Hard share", body)
 
 
 def _kept(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Kept candidates (hard or easy) with a finite hardness."""
-    return [r for r in rows if r.get("label") in ("hard", "easy") and _number(r.get("hardness")) is not None]
+    return [
+        r for r in rows if r.get("label") in ("hard", "easy") and finite_number(r.get("hardness")) is not None
+    ]
 
 
 def _hardness_section(iterations: list[_Iteration]) -> str:
@@ -434,14 +337,14 @@ def _hardness_section(iterations: list[_Iteration]) -> str:
     kept = {it.k: _kept(it.rows) for it in iterations if it.rows is not None}
     values = [r["hardness"] for rows in kept.values() for r in rows]
     if not values:
-        return _section("Hardness", _notes([*notes, "no kept candidate has a hardness yet"]))
+        return _section("Hardness", notes_html([*notes, "no kept candidate has a hardness yet"]))
     bins = _symlog_bins(np.asarray(values))
     plots = []
     for k, rows in kept.items():
         if not rows:
             notes.append(f"iteration {k}: no kept candidate with a hardness")
             continue
-        figure = _figure(3.3, 2.3)
+        figure = new_figure(3.3, 2.3)
         axes = figure.add_subplot()
         groups = [[r["hardness"] for r in rows if r["label"] == label] for label in ("hard", "easy")]
         axes.hist(groups, bins=bins, stacked=True, color=["#d62728", "#1f77b4"], label=["hard", "easy"])
@@ -450,8 +353,8 @@ def _hardness_section(iterations: list[_Iteration]) -> str:
         axes.set(title=f"iteration {k} ({len(rows)} kept)", xlabel="hardness", ylabel="count")
         axes.title.set_fontsize(9)
         axes.legend(fontsize=7)
-        plots.append(_img(_figure_uri(figure), f"hardness histogram, iteration {k}"))
-    return _section("Hardness", _notes(notes) + f'<div class="row">{"".join(plots)}</div>')
+        plots.append(img_html(figure_uri(figure), f"hardness histogram, iteration {k}"))
+    return _section("Hardness", notes_html(notes) + f'<div class="row">{"".join(plots)}</div>')
 
 
 def _symlog_bins(values: np.ndarray, count: int = 24) -> np.ndarray:
@@ -469,23 +372,23 @@ def _symlog_bins(values: np.ndarray, count: int = 24) -> np.ndarray:
 def _rejection_section(iterations: list[_Iteration]) -> str:
     done = [it for it in iterations if it.stats is not None and isinstance(it.stats.get("rejections"), dict)]
     if not done:
-        return _section("Rejections", _note("no iteration has rejection counts yet"))
+        return _section("Rejections", note_html("no iteration has rejection counts yet"))
     reasons = sorted({reason for it in done for reason in it.stats["rejections"]})
     if not reasons:
         return _section("Rejections", "<p>No proposal was rejected.</p>")
-    figure = _figure(8.0, 1.2 + 0.4 * len(done))
+    figure = new_figure(8.0, 1.2 + 0.4 * len(done))
     axes = figure.add_subplot()
     labels = [f"iteration {it.k}" for it in done]
     left = np.zeros(len(done))
     for index, reason in enumerate(reasons):
-        counts = np.array([float(_number(it.stats["rejections"].get(reason)) or 0.0) for it in done])
+        counts = np.array([float(finite_number(it.stats["rejections"].get(reason)) or 0.0) for it in done])
         colour = f"C{index}" if len(reasons) <= 10 else colormaps["tab20"](index % 20)
         axes.barh(labels, counts, left=left, color=colour, label=reason)
         left += counts
     axes.invert_yaxis()
     axes.set(xlabel="rejected proposals")
     axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    return _section("Rejections", _img(_figure_uri(figure), "rejection reasons per iteration"))
+    return _section("Rejections", img_html(figure_uri(figure), "rejection reasons per iteration"))
 
 
 def _sample_section(iterations: list[_Iteration]) -> str:
@@ -497,7 +400,7 @@ def _sample_section(iterations: list[_Iteration]) -> str:
             if name not in latest:
                 latest[name] = (it.k, [r for r in kept if r["category"] == name], it.folder)
     if not latest:
-        return _section("Samples", _note("no kept candidates to show yet"))
+        return _section("Samples", note_html("no kept candidates to show yet"))
     per_side = max(1, min(SAMPLES_PER_SIDE, SAMPLE_BUDGET // (2 * len(latest))))
     parts = []
     for name, (k, rows, folder) in sorted(latest.items()):
@@ -510,32 +413,32 @@ def _sample_section(iterations: list[_Iteration]) -> str:
             if group:
                 cards = "".join(_sample_card(row, folder, notes) for row in group)
                 parts.append(f'<p><b>{title}</b></p><div class="row">{cards}</div>')
-    return _section("Samples", _notes(notes) + "".join(parts))
+    return _section("Samples", notes_html(notes) + "".join(parts))
 
 
 def _sample_card(row: dict[str, Any], folder: Path, notes: list[str]) -> str:
     spec = row.get("spec") or {}
     pictures = ""
     try:
-        image = _thumbnail(folder / str(row["image"]))
-        pictures = _thumb_img(image, str(row["id"]))
+        image = load_thumbnail(folder / str(row["image"]))
+        pictures = thumb_html(image, str(row["id"]))
         try:
-            outlined = _outlined(image, folder / str(row["mask"]))
-            pictures += _thumb_img(outlined, f"{row['id']} with its mask outlined")
+            with_mask = outlined(image, folder / str(row["mask"]))
+            pictures += thumb_html(with_mask, f"{row['id']} with its mask outlined")
         except _READ_ERRORS as error:
-            notes.append(_warn(f"{row['id']}: mask unreadable ({_why(error)})"))
+            notes.append(warn_note(f"{row['id']}: mask unreadable ({read_reason(error)})"))
     except _READ_ERRORS as error:
-        notes.append(_warn(f"{row['id']}: image unreadable ({_why(error)})"))
+        notes.append(warn_note(f"{row['id']}: image unreadable ({read_reason(error)})"))
         pictures = "<p>(image unreadable)</p>"
     words = [spec.get("defect_type", "?"), spec.get("shape", "?"), spec.get("tone", "?")]
     line = " · ".join(str(w) for w in words)
-    size = _number(spec.get("size"))
-    line += f" · size {'–' if size is None else f'{size:.3g}'} · severity {_fmt(spec.get('severity'), 1)}"
-    judge = _fmt(row.get("hardness_judge"))
+    size = finite_number(spec.get("size"))
+    line += f" · size {'–' if size is None else f'{size:.3g}'} · severity {fmt_cell(spec.get('severity'), 1)}"
+    judge = fmt_cell(row.get("hardness_judge"))
     return (
         f'<div class="card">{pictures}<div>{html.escape(line)}</div>'
         f"<div><i>{html.escape(str(spec.get('description', '')))}</i></div>"
-        f"<div>hardness <b>{_fmt(row['hardness'])}</b> ({html.escape(str(row['label']))}), judge {judge}"
+        f"<div>hardness <b>{fmt_cell(row['hardness'])}</b> ({html.escape(str(row['label']))}), judge {judge}"
         f" · {html.escape(str(row['id']))}</div></div>"
     )
 
@@ -544,22 +447,23 @@ def _sample_card(row: dict[str, Any], folder: Path, notes: list[str]) -> str:
 def _evaluation_section(run_dir: Path) -> str:
     path = run_dir / "metrics.json"
     if not path.is_file():
-        return _section("Evaluation", _note(f"no evaluation yet: run `kka-synth eval {run_dir}`"))
+        return _section("Evaluation", note_html(f"no evaluation yet: run `kka-synth eval {run_dir}`"))
     notes: list[str] = []
     metrics = _read_json(path, notes)
     if not isinstance(metrics, dict) or not isinstance(metrics.get("categories"), dict):
         if metrics is not None:
-            notes.append(_warn("metrics.json has no 'categories' mapping"))
-        return _section("Evaluation", _notes(notes))
+            notes.append(warn_note("metrics.json has no 'categories' mapping"))
+        return _section("Evaluation", notes_html(notes))
     seeds = metrics.get("seeds") or [0]
     parts = [
-        f"<p>dataset {html.escape(str(metrics.get('dataset', '?')))}, {_fmt(metrics.get('image_size'))} px, "
+        f"<p>dataset {html.escape(str(metrics.get('dataset', '?')))}, "
+        f"{fmt_cell(metrics.get('image_size'))} px, "
         f"seeds {html.escape(', '.join(str(s) for s in seeds))}</p>"
     ]
     for category, detectors in metrics["categories"].items():
         parts.append(f"<h3>{html.escape(str(category))}</h3>")
         if not isinstance(detectors, dict):
-            notes.append(_warn(f"metrics.json: category {category} is not a mapping"))
+            notes.append(warn_note(f"metrics.json: category {category} is not a mapping"))
             continue
         parts.append(_metrics_table(detectors))
         results = {}
@@ -573,7 +477,7 @@ def _evaluation_section(run_dir: Path) -> str:
                     results[(detector, variant)] = (result, result_path.parent)
         parts.append(_roc_plots(category, results, notes))
         parts.append(_overlays(results, notes))
-    return _section("Evaluation", "".join(parts) + _notes(notes))
+    return _section("Evaluation", "".join(parts) + notes_html(notes))
 
 
 def _metrics_table(detectors: dict[str, Any]) -> str:
@@ -586,7 +490,7 @@ def _metrics_table(detectors: dict[str, Any]) -> str:
     ]
     best = {}
     for key, _ in METRICS:
-        means = [_number((entry.get("mean") or {}).get(key)) for _, _, entry in rows]
+        means = [finite_number((entry.get("mean") or {}).get(key)) for _, _, entry in rows]
         present = [m for m in means if m is not None]
         best[key] = max(present) if present else None
     head = ["detector", "variant", *(label for _, label in METRICS), "seeds", "train s"]
@@ -594,15 +498,15 @@ def _metrics_table(detectors: dict[str, Any]) -> str:
     for detector, variant, entry in rows:
         cells = [html.escape(detector), html.escape(variant)]
         for key, _ in METRICS:
-            mean = _number((entry.get("mean") or {}).get(key))
-            std = _number((entry.get("std") or {}).get(key))
+            mean = finite_number((entry.get("mean") or {}).get(key))
+            std = finite_number((entry.get("std") or {}).get(key))
             text = _metric_cell(mean, None if entry.get("n") == 1 else std)  # one seed has no spread
             if mean is not None and best[key] is not None and math.isclose(mean, best[key], abs_tol=1e-12):
                 text = f"<b>{text}</b>"
             cells.append(text)
-        cells += [_fmt(entry.get("n")), _fmt(entry.get("train_seconds"), 1)]
+        cells += [fmt_cell(entry.get("n")), fmt_cell(entry.get("train_seconds"), 1)]
         body.append(cells)
-    return _table(head, body, left=2)
+    return table_html(head, body, left=2)
 
 
 def _metric_cell(mean: float | None, std: float | None) -> str:
@@ -619,7 +523,7 @@ def _curve(result: dict[str, Any], name: str) -> tuple[list[float], list[float]]
     fpr, tpr = curve.get("fpr"), curve.get("tpr")
     if not isinstance(fpr, list) or not isinstance(tpr, list) or len(fpr) != len(tpr) or len(fpr) < 2:
         raise ValueError(f"{name} needs fpr and tpr lists of one length (at least 2)")
-    if any(_number(v) is None or not 0.0 <= v <= 1.0 for v in fpr + tpr):
+    if any(finite_number(v) is None or not 0.0 <= v <= 1.0 for v in fpr + tpr):
         raise ValueError(f"{name} holds values that are no rates in [0, 1]")
     return fpr, tpr
 
@@ -635,14 +539,14 @@ def _roc_plots(category: str, results: dict[tuple[str, str], tuple[dict, Path]],
                 try:
                     points = _curve(result, name)
                 except ValueError as error:
-                    notes.append(_warn(f"{_relative(folder)}: {error}"))
+                    notes.append(warn_note(f"{run_relative(folder)}: {error}"))
                     continue
                 if points is not None:
                     curves[name].append((variant, *points))
         panels = [(name, lines) for name, lines in curves.items() if lines]
         if not panels:
             continue
-        figure = _figure(3.6 * len(panels), 3.2)
+        figure = new_figure(3.6 * len(panels), 3.2)
         for index, (name, lines) in enumerate(panels, start=1):
             axes = figure.add_subplot(1, len(panels), index)
             for variant, fpr, tpr in lines:
@@ -655,7 +559,7 @@ def _roc_plots(category: str, results: dict[tuple[str, str], tuple[dict, Path]],
             axes.set(xlim=(0, 1), ylim=(0, 1.01))
             axes.title.set_fontsize(9)
             axes.legend(fontsize=7, loc="lower right")
-        images.append(_img(_figure_uri(figure), f"{category} {detector} ROC curves"))
+        images.append(img_html(figure_uri(figure), f"{category} {detector} ROC curves"))
     return f'<div class="row">{"".join(images)}</div>' if images else ""
 
 
@@ -668,14 +572,14 @@ def _overlays(results: dict[tuple[str, str], tuple[dict, Path]], notes: list[str
         overlays = result.get("overlays") or []
         for entry in overlays[:per_result]:
             try:
-                image = _thumbnail(folder / str(entry["file"]))
+                image = load_thumbnail(folder / str(entry["file"]))
             except _READ_ERRORS as error:
-                notes.append(_warn(f"{_relative(folder)}: overlay unreadable ({_why(error)})"))
+                notes.append(warn_note(f"{run_relative(folder)}: overlay unreadable ({read_reason(error)})"))
                 continue
             label = "anomalous" if entry.get("label") == 1 else "good" if entry.get("label") == 0 else "?"
-            score = _fmt(entry.get("score"), 3)
+            score = fmt_cell(entry.get("score"), 3)
             caption = f"{detector} / {variant}: {entry.get('image', '?')} ({label}), score {score}"
-            picture = _thumb_img(image, caption)
+            picture = thumb_html(image, caption)
             cards.append(f'<div class="cap">{picture}<br>{html.escape(caption)}</div>')
     return f"<h4>Anomaly maps</h4><div class='row'>{''.join(cards)}</div>" if cards else ""
 

@@ -17,7 +17,8 @@ from PIL import Image
 
 from kka_synth.config import RunConfig
 from kka_synth.data import save_mask, save_rgb
-from kka_synth.eval.report import OUTLINE, THUMB, _outlined, _symlog_bins, write_report
+from kka_synth.eval.html import OUTLINE, THUMB, outlined
+from kka_synth.eval.report import _symlog_bins, write_report
 from kka_synth.runs import RunError, read_parquet, write_parquet
 
 CATEGORIES = ("brick", "washer")
@@ -281,7 +282,7 @@ def test_cut_off_run_and_corrupt_image_still_report(tmp_path: Path, caplog: pyte
     (run / "iterations" / "2" / "stats.json").unlink()
     (run / "iterations" / "2" / "images" / "2-washer-0001.png").write_bytes(b"not a png")
     (run / "iterations" / "1" / "candidates.parquet").write_bytes(b"garbage")
-    with caplog.at_level(logging.WARNING, logger="kka_synth.eval.report"):
+    with caplog.at_level(logging.WARNING, logger="kka_synth.eval"):
         page = write_report(run).read_text()
     assert "iteration 2: no readable stats.json" in page
     assert "iteration 3 has not run (no folder)" in page
@@ -332,7 +333,7 @@ def test_outline_marks_the_mask_border_only(tmp_path: Path):
     mask[10:20, 10:20] = True
     save_mask(tmp_path / "mask.png", mask)
     image = Image.fromarray(np.zeros((32, 32, 3), np.uint8))
-    pixels = np.asarray(_outlined(image, tmp_path / "mask.png"))
+    pixels = np.asarray(outlined(image, tmp_path / "mask.png"))
     coloured = np.all(pixels == OUTLINE, axis=2)
     assert coloured[10, 10] and coloured[19, 15] and coloured[9, 15] and coloured[20, 12]  # edge, one out
     assert not coloured[14:16, 14:16].any() and not coloured[:8].any() and not coloured[:, 22:].any()
@@ -377,7 +378,7 @@ def test_malformed_pieces_cost_only_their_section(tmp_path: Path, caplog: pytest
     result = json.loads((folder / "result.json").read_text())
     result["curves"]["image_roc"] = {"fpr": ["a", "b"], "tpr": [0.0, 1.0]}
     (folder / "result.json").write_text(json.dumps(result))
-    with caplog.at_level(logging.WARNING, logger="kka_synth.eval.report"):
+    with caplog.at_level(logging.WARNING, logger="kka_synth.eval"):
         page = write_report(run).read_text()
     assert any(
         "iteration 1: no readable stats.json (not a JSON object)" in r.getMessage() for r in caplog.records

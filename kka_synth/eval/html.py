@@ -1,0 +1,140 @@
+"""HTML, PNG and number formatting for the run report: escaped table cells, notes that log a warning,
+images and matplotlib figures as base64 PNG data URIs, thumbnails and mask outlines.
+
+Notes name files relative to the run (from its ``eval`` folder on), never by a machine path.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+THUMB = 128
+"""Longest side in pixels of every embedded image."""
+OUTLINE = (255, 0, 255)
+"""Colour of the mask outline drawn on a sample."""
+
+
+# formatting --------------------------------------------------------------------------------------------
+def read_reason(error: BaseException) -> str:
+    """A short reason for a read failure, without the machine path most error messages carry."""
+    if isinstance(error, FileNotFoundError):
+        return "file missing"
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image"
+    return first_line(error)
+
+
+def first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def run_relative(path: Path) -> str:
+    """``path`` from the run's ``eval`` folder on, else its name: notes carry no machine paths."""
+    parts = path.parts
+    if "eval" not in parts:
+        return path.name
+    return "/".join(parts[len(parts) - 1 - parts[::-1].index("eval") :])
+
+
+def warn_note(text: str) -> str:
+    logger.warning("report: %s", text)
+    return text
+
+
+def note_html(text: str) -> str:
+    return f'<p class="note">{html.escape(text)}</p>'
+
+
+def notes_html(texts: list[str]) -> str:
+    return "".join(note_html(t) for t in dict.fromkeys(texts))
+
+
+def finite_number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def fmt_cell(value: Any, digits: int = 2) -> str:
+    """A number for a table cell: ints as they are, floats with ``digits`` decimals, else a dash."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    number = finite_number(value)
+    return "–" if number is None else f"{number:.{digits}f}"
+
+
+def table_html(head: list[str] | None, rows: list[list[str]], left: int = 1) -> str:
+    """An HTML table of already escaped cells; the first ``left`` columns are left-aligned."""
+
+    def cells(tag: str, values: list[str]) -> str:
+        return "".join(f"<{tag}{' class=l' if i < left else ''}>{v}</{tag}>" for i, v in enumerate(values))
+
+    body = "".join(f"<tr>{cells('td', row)}</tr>" for row in rows)
+    top = f"<tr>{cells('th', head)}</tr>" if head else ""
+    return f"<table>{top}{body}</table>"
+
+
+def img_html(uri: str, alt: str, size: tuple[int, int] | None = None) -> str:
+    dims = f' width="{size[0]}" height="{size[1]}"' if size else ""
+    return f'<img src="{uri}" alt="{html.escape(alt)}"{dims}>'
+
+
+def thumb_html(image: Image.Image, alt: str) -> str:
+    """A thumbnail as an ``<img>``, shown with its longest side at :data:`THUMB` (small images scale up)."""
+    scale = THUMB / max(image.size)
+    shown = (round(image.size[0] * scale), round(image.size[1] * scale))
+    return img_html(png_uri(image), alt, shown).replace("<img ", '<img class="thumb" ', 1)
+
+
+# images and plots --------------------------------------------------------------------------------------
+def png_uri(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def figure_uri(figure: Figure) -> str:
+    buffer = io.BytesIO()
+    FigureCanvasAgg(figure).print_png(buffer)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def new_figure(width: float, height: float) -> Figure:
+    return Figure(figsize=(width, height), dpi=90, layout="constrained")
+
+
+def load_thumbnail(path: Path) -> Image.Image:
+    """An image file as RGB, shrunk so its longest side is at most :data:`THUMB`; raises on a bad file."""
+    with Image.open(path) as opened:
+        image = opened.convert("RGB")
+    image.thumbnail((THUMB, THUMB), Image.Resampling.BOX)
+    return image
+
+
+def outlined(image: Image.Image, mask_path: Path) -> Image.Image:
+    """``image`` with the outline of the mask at ``mask_path`` (resized to it) drawn in :data:`OUTLINE`."""
+    with Image.open(mask_path) as opened:
+        mask_image = opened.convert("L").resize(image.size, Image.Resampling.NEAREST)
+    mask = np.asarray(mask_image) > 0  # (H, W)
+    padded = np.pad(mask, 1)
+    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    edge = mask & ~inner
+    grown = np.pad(edge, 1)  # thicken the edge by one pixel inwards and outwards so it reads at 128 px
+    edge = edge | grown[:-2, 1:-1] | grown[2:, 1:-1] | grown[1:-1, :-2] | grown[1:-1, 2:]
+    pixels = np.array(image)  # (H, W, 3)
+    pixels[edge] = OUTLINE
+    return Image.fromarray(pixels)
