@@ -239,8 +239,9 @@ def _summary(stats: list[dict[str, Any]]) -> None:
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from kka_synth.data import DataError
     from kka_synth.runs import RunError
+    from kka_synth.utils.hub import ModelLoadError
 
-    return (ConfigError, DataError, RunError, ImportError, FileNotFoundError)
+    return (ConfigError, DataError, RunError, ModelLoadError, ImportError, FileNotFoundError)
 
 
 def _quiet_libraries(verbose: int) -> None:

@@ -91,14 +91,127 @@ class ProposerConfig:
         check_config(self.pretrain_steps >= 0, "proposer.pretrain_steps must be >= 0")
 
 
+RENDERER_NAMES = ("procedural", "perlin", "inpaint", "edit", "text2img")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+SCHEDULERS = ("ddim", "ddpm", "pndm", "lms", "euler", "euler_ancestral", "dpm_solver", "unipc")
+OFFLOAD = ("none", "model", "sequential")
+
+
+@dataclass
+class DiffusionConfig:
+    """One diffusion renderer's pipeline and sampling (``render.inpaint``, ``render.edit``, ...)."""
+
+    model: str = help_field("Hub id or local directory of the diffusers pipeline.", default="")
+    device: str = help_field(
+        "auto (cuda when available, else cpu), cpu, cuda, cuda:N or mps.", default="auto"
+    )
+    dtype: str = help_field(
+        "auto (float16 on cuda, else float32), float32, float16 or bfloat16.", default="auto"
+    )
+    scheduler: str | None = help_field(
+        "Sampler: " + ", ".join(SCHEDULERS) + "; None keeps the pipeline's own.", default=None
+    )
+    steps: int = help_field("Denoising steps.", default=30)
+    guidance_scale: float = help_field("Text guidance (classifier-free) scale.", default=7.5)
+    image_guidance_scale: float = help_field(
+        "Image guidance scale of instruction editing (how closely the edit keeps the source).", default=1.5
+    )
+    strength: float = help_field("Inpainting strength: 1 repaints the masked region from noise.", default=1.0)
+    resolution: int | None = help_field(
+        "Side the pipeline works at (a multiple of 8); None uses the image's side rounded to 8.", default=512
+    )
+    batch_size: int = help_field("Candidates per pipeline call.", default=8)
+    attention_slicing: bool = help_field("Slice attention to save GPU memory (slower).", default=False)
+    offload: str = help_field(
+        "CPU offload for small GPUs: none, model (whole models) or sequential (submodules).", default="none"
+    )
+    feather: float = help_field(
+        "Width of the blend between render and source, as a share of the image side.", default=0.01
+    )
+    change_threshold: float = help_field(
+        "Grey-level change that counts a pixel as changed when the mask is read from the difference.",
+        default=12.0,
+    )
+
+    def __post_init__(self) -> None:
+        check_config(
+            self.device in DEVICES or self.device.startswith("cuda:"),
+            f"device must be one of {', '.join(DEVICES)} or cuda:N, got {self.device!r}",
+        )
+        check_config(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        check_config(
+            self.scheduler is None or self.scheduler in SCHEDULERS,
+            f"scheduler must be one of {', '.join(SCHEDULERS)} or null, got {self.scheduler!r}",
+        )
+        check_config(1 <= self.steps <= 1000, f"steps must be in [1, 1000], got {self.steps}")
+        check_config(self.guidance_scale >= 0, f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        check_config(
+            self.image_guidance_scale >= 0,
+            f"image_guidance_scale must be >= 0, got {self.image_guidance_scale}",
+        )
+        check_config(0.0 < self.strength <= 1.0, f"strength must be in (0, 1], got {self.strength}")
+        check_config(
+            self.resolution is None or (self.resolution % 8 == 0 and 64 <= self.resolution <= 4096),
+            f"resolution must be None or a multiple of 8 in [64, 4096], got {self.resolution}",
+        )
+        check_config(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        check_config(
+            self.offload in OFFLOAD, f"offload must be one of {', '.join(OFFLOAD)}, got {self.offload!r}"
+        )
+        check_config(0.0 <= self.feather <= 0.25, f"feather must be in [0, 0.25], got {self.feather}")
+        check_config(
+            0.0 < self.change_threshold < 255.0,
+            f"change_threshold must be in (0, 255), got {self.change_threshold}",
+        )
+
+
 @dataclass
 class RenderConfig:
     renderers: list[str] = help_field(
-        "Renderers, in order of preference.", default_factory=lambda: ["procedural"]
+        "Renderers: " + ", ".join(RENDERER_NAMES) + ". Without weights the first renders and the rest are "
+        "fallbacks, in order, when it fails.",
+        default_factory=lambda: ["procedural"],
+    )
+    weights: list[float] | None = help_field(
+        "Mix: each candidate draws its renderer with these relative weights (one per renderer); the others "
+        "remain fallbacks.",
+        default=None,
+    )
+    inpaint: DiffusionConfig = help_field(
+        "Diffusion inpainting at the spec's region (StableDiffusion, SDXL or FLUX inpaint pipelines).",
+        default_factory=lambda: DiffusionConfig(model="stable-diffusion-v1-5/stable-diffusion-inpainting"),
+    )
+    edit: DiffusionConfig = help_field(
+        "Instruction editing (InstructPix2Pix; MagicBrush checkpoints load the same way).",
+        default_factory=lambda: DiffusionConfig(model="timbrooks/instruct-pix2pix", guidance_scale=7.5),
+    )
+    text2img: DiffusionConfig = help_field(
+        "Text-to-image (KKA's renderer): a whole image from the description.",
+        default_factory=lambda: DiffusionConfig(model="stable-diffusion-v1-5/stable-diffusion-v1-5"),
     )
 
     def __post_init__(self) -> None:
         check_config(len(self.renderers) > 0, "render.renderers must name at least one renderer")
+        unknown = [name for name in self.renderers if name not in RENDERER_NAMES]
+        check_config(
+            not unknown,
+            f"render.renderers: unknown renderer {unknown[0] if unknown else ''!r} "
+            f"(known: {', '.join(RENDERER_NAMES)})",
+        )
+        check_config(
+            len(set(self.renderers)) == len(self.renderers), "render.renderers lists a renderer twice"
+        )
+        if self.weights is not None:
+            check_config(
+                len(self.weights) == len(self.renderers),
+                f"render.weights needs one weight per renderer "
+                f"({len(self.renderers)}), got {len(self.weights)}",
+            )
+            check_config(
+                all(w >= 0 for w in self.weights) and sum(self.weights) > 0,
+                "render.weights must be >= 0 with a positive sum",
+            )
 
 
 @dataclass
@@ -111,6 +224,21 @@ class FilterConfig:
     locality_min_inside: float = help_field(
         "Least share of the change that must lie inside the mask.", default=0.9
     )
+    matcher: str = help_field(
+        "Keypoint matcher of the match band: sift (OpenCV) or lightglue (SuperPoint + LightGlue).",
+        default="sift",
+    )
+    matcher_model: str = help_field(
+        "Hub id or local directory of the LightGlue matcher.", default="ETH-CVG/lightglue_superpoint"
+    )
+    matcher_device: str = help_field(
+        "Device of the LightGlue matcher: auto, cpu, cuda, cuda:N.", default="auto"
+    )
+    batch_band: bool = help_field(
+        "Also narrow the band to the current batch's own match-score quantiles (band_quantiles), as "
+        "arXiv 2512.23227 sets its thresholds from the generated set.",
+        default=False,
+    )
 
     def __post_init__(self) -> None:
         low, high = self.band_quantiles
@@ -119,6 +247,10 @@ class FilterConfig:
             f"filters.band_quantiles must satisfy 0 <= low < high <= 1, got {low, high}",
         )
         check_config(0.0 < self.locality_min_inside <= 1.0, "filters.locality_min_inside must be in (0, 1]")
+        check_config(
+            self.matcher in ("sift", "lightglue"),
+            f"filters.matcher must be sift or lightglue, got {self.matcher!r}",
+        )
 
 
 @dataclass
@@ -300,7 +432,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         if dataclasses.is_dataclass(sample):
             if not isinstance(value, dict):
                 raise ConfigError(f"config field {prefix}{name} must be a mapping")
-            kwargs[name] = _build(type(sample), value, f"{prefix}{name}.")
+            kwargs[name] = _build(type(sample), {**dataclasses.asdict(sample), **value}, f"{prefix}{name}.")
         elif isinstance(sample, dict) and isinstance(value, dict):
             kwargs[name] = {**sample, **value}
         elif name == "band_quantiles" and isinstance(value, list):
@@ -311,6 +443,10 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         return cls(**kwargs)
     except TypeError as error:
         raise ConfigError(f"bad config section {prefix or 'run'}: {error}") from None
+    except ConfigError as error:
+        if prefix and not str(error).startswith(prefix.split(".")[0]):
+            raise ConfigError(f"{prefix}{error}") from None
+        raise
 
 
 def profile_defaults(profile: str) -> dict[str, Any]:
@@ -325,5 +461,7 @@ def profile_defaults(profile: str) -> dict[str, Any]:
                 "model": "Qwen/Qwen2.5-1.5B-Instruct",
                 "constrained": False,
             },
+            "render": {"renderers": ["inpaint"]},
+            "filters": {"matcher": "lightglue"},
         }
     raise ConfigError(f"profile must be one of {', '.join(PROFILES)}, got {profile!r}")

@@ -7,10 +7,12 @@ data, one file per dataset family under ``prompts/knowledge/``:
 .. code-block:: yaml
 
     dataset: mvtec_ad
+    negative_prompt: blurry, cartoon     # optional; what diffusion renderers must avoid
     categories:
       bottle:
         kind: object                     # texture | object
         components: [rim, mouth, body]
+        negative_prompt: label, text     # optional; added to the file's
         defect_types:
           broken_large:
             regions: [top, left]         # names of kka_synth.types.REGIONS
@@ -111,6 +113,8 @@ class CategoryKnowledge:
     defect_types: dict[str, DefectKnowledge]
     dataset: str = GENERIC
     """The knowledge file this entry came from (``generic`` for the fallback)."""
+    negative_prompt: str = ""
+    """What diffusion renderers must not draw: the file's negative prompt, then the category's own."""
 
 
 def _fail(source: str, key: str, message: str) -> KnowledgeError:
@@ -183,13 +187,21 @@ def _defect(name: str, data: Any, source: str, key: str) -> DefectKnowledge:
     )
 
 
-def _category(name: str, data: Any, source: str, dataset: str) -> CategoryKnowledge:
+def _negative(value: Any, source: str, key: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise _fail(source, key, f"must be a string, got {value!r}")
+    return value.strip()
+
+
+def _category(name: str, data: Any, source: str, dataset: str, negative: str) -> CategoryKnowledge:
     key = f"categories.{name}"
     if not _NAME.match(name):
         raise _fail(source, key, "a category name must be lowercase letters, digits and underscores")
     if not isinstance(data, dict):
         raise _fail(source, key, "must be a mapping")
-    allowed = ("kind", "components", "defect_types")
+    allowed = ("kind", "components", "defect_types", "negative_prompt")
     unknown = sorted(set(data) - set(allowed))
     if unknown:
         raise _fail(source, f"{key}.{unknown[0]}", f"unknown key (known: {', '.join(allowed)})")
@@ -207,6 +219,11 @@ def _category(name: str, data: Any, source: str, dataset: str) -> CategoryKnowle
             str(d): _defect(str(d), spec, source, f"{key}.defect_types.{d}") for d, spec in defects.items()
         },
         dataset=dataset,
+        negative_prompt=", ".join(
+            part
+            for part in (negative, _negative(data.get("negative_prompt"), source, f"{key}.negative_prompt"))
+            if part
+        ),
     )
 
 
@@ -218,16 +235,20 @@ def parse_knowledge(text: str, source: str) -> dict[str, CategoryKnowledge]:
         raise KnowledgeError(f"{source}: not valid YAML: {str(error).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise KnowledgeError(f"{source}: must hold a mapping with keys dataset and categories")
-    unknown = sorted(set(data) - {"dataset", "categories"})
+    unknown = sorted(set(data) - {"dataset", "categories", "negative_prompt"})
     if unknown:
-        raise _fail(source, unknown[0], "unknown key (known: dataset, categories)")
+        raise _fail(source, unknown[0], "unknown key (known: dataset, categories, negative_prompt)")
     dataset = data.get("dataset")
     if not isinstance(dataset, str) or not _NAME.match(dataset):
         raise _fail(source, "dataset", f"must be a lowercase name, got {dataset!r}")
     categories = data.get("categories")
     if not isinstance(categories, dict) or not categories:
         raise _fail(source, "categories", "must be a non-empty mapping of categories")
-    return {str(name): _category(str(name), entry, source, dataset) for name, entry in categories.items()}
+    negative = _negative(data.get("negative_prompt"), source, "negative_prompt")
+    return {
+        str(name): _category(str(name), entry, source, dataset, negative)
+        for name, entry in categories.items()
+    }
 
 
 def knowledge_text(dataset: str) -> str:

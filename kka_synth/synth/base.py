@@ -5,13 +5,20 @@ the pixels it changed: ``render(image, spec, rng) -> (image, mask)``. Images are
 masks are ``bool`` (H, W). A render that cannot be made raises :class:`RenderError` with a short ``reason``
 code that the loop counts, never a traceback from inside numpy.
 
+Renderers that run a model in batches (the diffusion renderers) also have ``render_batch(images, specs,
+rngs) -> list[RenderOutput | RenderError]``: one entry per candidate, a failure never sinking the batch, and
+each candidate's pixels fixed by its own rng whatever batch it lands in. :func:`render_many` calls either
+kind the same way.
+
 This module also holds the small pieces every renderer shares: input checks, smoothstep, and the final
 rounding that keeps unmasked pixels bit-identical.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -40,6 +47,42 @@ class Renderer(Protocol):
     ) -> tuple[np.ndarray, np.ndarray]:
         """Return a new RGB uint8 image of the same size and the bool mask of the pixels that changed."""
         ...
+
+
+@dataclass
+class RenderOutput:
+    """One render of a batch."""
+
+    image: np.ndarray
+    """RGB uint8 (H, W, 3), the size of the source image."""
+    mask: np.ndarray | None
+    """bool (H, W): the pixels the defect changed; None when the renderer cannot tell (text-to-image far from
+    every normal), which the run records as an absent mask."""
+    source: int | None = None
+    """For renderers that draw a whole new image: the index, among the references they were given, of the
+    normal it is compared with. None means the source image passed in."""
+    info: dict[str, Any] = field(default_factory=dict)
+    """Plain JSON facts about the render (seed, areas, ...), kept in the candidate's record."""
+
+
+def render_many(
+    renderer: Renderer,
+    images: Sequence[np.ndarray],
+    specs: Sequence[DefectSpec],
+    rngs: Sequence[np.random.Generator],
+) -> list[RenderOutput | RenderError]:
+    """Render every (image, spec, rng) with ``renderer.render_batch`` when it has one, else one at a time."""
+    batch = getattr(renderer, "render_batch", None)
+    if batch is not None:
+        return batch(list(images), list(specs), list(rngs))
+    out: list[RenderOutput | RenderError] = []
+    for image, spec, rng in zip(images, specs, rngs, strict=True):
+        try:
+            rendered, mask = renderer.render(image, spec, rng)
+            out.append(RenderOutput(rendered, mask))
+        except RenderError as error:
+            out.append(error)
+    return out
 
 
 def check_image(image: object, field: str = "image") -> np.ndarray:

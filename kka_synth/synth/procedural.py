@@ -149,6 +149,25 @@ class ProceduralRenderer:
         self, image: np.ndarray, spec: DefectSpec, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray]:
         image = check_inputs(image, spec, rng)
+        geometry_rng, look_rng = (np.random.default_rng(seed) for seed in rng.integers(0, 2**63 - 1, size=2))
+        foreground, geometry = self.place(image, spec, geometry_rng)
+        scale = max(0.5, min(image.shape[:2]) / 128.0)
+        out = self._shade(
+            image.astype(np.float32), foreground, geometry, spec, read_hints(spec), look_rng, scale
+        )
+        return finish(image, out, geometry.mask)
+
+    def place(
+        self, image: np.ndarray, spec: DefectSpec, rng: np.random.Generator
+    ) -> tuple[np.ndarray, Geometry]:
+        """Where the spec's defect goes and what shape it has, without drawing it.
+
+        Returns the image's bool (H, W) foreground and the :class:`Geometry`: the mask lies on the foreground
+        inside the spec's region, covers about ``size`` of the foreground, and takes the spec's shape (a thin
+        stroke for a scratch, a blob for a stain). Diffusion renderers use it as the region to repaint.
+        Raises ``RenderError`` when the region holds no foreground or the shape covers no pixel.
+        """
+        image = check_inputs(image, spec, rng)
         foreground = self.foreground(image)
         allowed, region = allowed_area(foreground, spec)
         target = spec.size * float(foreground.sum())
@@ -156,24 +175,22 @@ class ProceduralRenderer:
             logger.debug(
                 "size %.4f asks for %d pixels but the region offers %d", spec.size, target, allowed.sum()
             )
-        geometry_rng, look_rng = (np.random.default_rng(seed) for seed in rng.integers(0, 2**63 - 1, size=2))
         hints = read_hints(spec)
         scale = max(0.5, min(image.shape[:2]) / 128.0)
         if spec.shape in ("scratch", "crack"):
-            geometry = self._stroke(spec.shape, allowed, region, target, hints, geometry_rng, scale)
+            geometry = self._stroke(spec.shape, allowed, region, target, hints, rng, scale)
         elif spec.shape == "spot":
-            geometry = self._spots(allowed, target, hints, geometry_rng, scale)
+            geometry = self._spots(allowed, target, hints, rng, scale)
         else:
             outline = None
             if spec.shape == "missing" and not foreground.all():
                 outline = foreground & ~cv2.erode(
                     foreground.astype(np.uint8), np.ones((3, 3), np.uint8)
                 ).astype(bool)
-            geometry = self._radial(spec.shape, allowed, target, geometry_rng, scale, outline)
+            geometry = self._radial(spec.shape, allowed, target, rng, scale, outline)
         if not geometry.mask.any():
             raise RenderError("empty_mask", f"the {spec.shape} covers no pixel of region {spec.region}")
-        out = self._shade(image.astype(np.float32), foreground, geometry, spec, hints, look_rng, scale)
-        return finish(image, out, geometry.mask)
+        return foreground, geometry
 
     def _stroke(
         self,
