@@ -9,7 +9,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kka_synth.config import DATASETS, MODES, PROFILES, VARIANTS, ConfigError, RunConfig, profile_defaults
+import yaml
+
+from kka_synth.config import (
+    DATASETS,
+    MODES,
+    PROFILES,
+    RENDERER_NAMES,
+    VARIANTS,
+    ConfigError,
+    RunConfig,
+    profile_defaults,
+)
 
 logger = logging.getLogger("kka_synth")
 
@@ -77,6 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
         choices=PROFILES,
         help="offline: CPU, compact local models, no downloads (default). hub: pretrained weights.",
     )
+    run.add_argument(
+        "--renderer",
+        type=_renderer_mix,
+        metavar="R[=W],..",
+        help="Renderers among "
+        + ", ".join(RENDERER_NAMES)
+        + ": one name, a fallback order (inpaint,procedural) "
+        "or a mix with weights (inpaint=0.7,procedural=0.3). Default: procedural (offline), inpaint (hub).",
+    )
+    run.add_argument(
+        "--matcher", choices=("sift", "lightglue"), help="Keypoint matcher of the match-count band."
+    )
     run.add_argument("--mode", choices=MODES, help="Curation: add = union of hard sets, rep = last hard set.")
     run.add_argument("--out", metavar="DIR", help="Folder for run directories (default: runs).")
     run.add_argument("--name", help="Run name, the folder under --out (default: the dataset name).")
@@ -119,6 +142,27 @@ def _names(text: str) -> list[str]:
     return names
 
 
+def _renderer_mix(text: str) -> tuple[list[str], list[float] | None]:
+    """``inpaint`` / ``inpaint,procedural`` / ``inpaint=0.7,procedural=0.3`` -> (names, weights or None)."""
+    names, weights = [], []
+    for part in _names(text):
+        name, _, weight = part.partition("=")
+        name = name.strip()
+        if name not in RENDERER_NAMES:
+            raise argparse.ArgumentTypeError(
+                f"unknown renderer {name!r} (known: {', '.join(RENDERER_NAMES)})"
+            )
+        try:
+            weights.append(float(weight) if weight else None)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"weight of {name} must be a number, got {weight!r}") from None
+        names.append(name)
+    given = [w for w in weights if w is not None]
+    if given and len(given) != len(weights):
+        raise argparse.ArgumentTypeError("give a weight to every renderer of a mix, or to none")
+    return names, (given or None)
+
+
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in update.items():
@@ -131,7 +175,11 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """Profile defaults, then the config file, then the flags."""
-    file_data: dict[str, Any] = RunConfig.from_yaml(args.config).to_dict() if args.config else {}
+    file_data: dict[str, Any] = {}
+    if args.config:
+        RunConfig.from_yaml(args.config)  # one-line errors for a bad file before anything is merged
+        # the file's own fields only, so the profile's defaults still apply to what it leaves out
+        file_data = yaml.safe_load(Path(args.config).read_text()) or {}
     profile = args.profile or file_data.get("profile", "offline")
     data = _merge(profile_defaults(profile), file_data)
     flags: dict[str, Any] = {"profile": profile}
@@ -156,6 +204,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             flags[key] = getattr(args, flag)
     if args.no_dpo:
         flags["alignment"] = {"enabled": False}
+    if args.renderer is not None:
+        flags["render"] = {"renderers": args.renderer[0], "weights": args.renderer[1]}
+    if args.matcher is not None:
+        flags["filters"] = {"matcher": args.matcher}
     data = _merge(data, flags)
     if args.name is None and not args.config:
         data["name"] = data.get("data", {}).get("dataset", "demo")

@@ -178,6 +178,11 @@ class RenderConfig:
         "remain fallbacks.",
         default=None,
     )
+    foreground_masks: dict[str, str] = help_field(
+        "Category -> image file of its object's foreground (white = object); overrides the estimate that "
+        "places defects of the inpaint and edit renderers.",
+        default_factory=dict,
+    )
     inpaint: DiffusionConfig = help_field(
         "Diffusion inpainting at the spec's region (StableDiffusion, SDXL or FLUX inpaint pipelines).",
         default_factory=lambda: DiffusionConfig(model="stable-diffusion-v1-5/stable-diffusion-inpainting"),

@@ -53,6 +53,7 @@ from kka_synth.runs import (
 from kka_synth.synth import RENDERERS, RenderError, apply_filters, build_filters
 from kka_synth.synth.filters import MatchCountBand
 from kka_synth.synth.perlin import random_spec
+from kka_synth.synth.stage import RenderJob, build_renderers, render_jobs, renderer_order
 from kka_synth.types import Candidate, DefectSpec, Proposal
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ class KKALoop:
         self.progress = progress or _silent
         self.categories: dict[str, CategoryData] = {}
         self.proposer: Any = None
+        self._built_renderers: dict[str, Any] | None = None
 
     # helpers -----------------------------------------------------------------------------------------
     def _rng(self, iteration: int, stage: str, *extra: int) -> np.random.Generator:
@@ -154,6 +156,8 @@ class KKALoop:
                     data.band.calibrate(data.fit + data.holdout, self._rng(0, "prepare", index, 1))
                     calibration[name] = data.band.to_dict()
         atomic_write_json(calibration_path, calibration)
+        if not all(self.run.stage_done(f"{k}/render") for k in range(1, cfg.iterations + 1)):
+            self._renderers()  # a missing diffusion model fails here, before any judge is trained
         self._prepare_judges()
         if not self.run.stage_done("prepare"):
             self.run.mark_done("prepare", time.perf_counter() - started, categories=names)
@@ -232,68 +236,107 @@ class KKALoop:
 
     def _render(self, k: int, folder: Path) -> dict[str, Any]:
         rows = read_jsonl(folder / "proposals.jsonl")
-        renderers = [(name, RENDERERS[name]()) for name in self.config.render.renderers]
-        filters = {
-            name: build_filters(self.config.filters, band=data.band) for name, data in self.categories.items()
-        }
+        cfg = self.config
+        renderers = self._renderers()
+        filters = {name: build_filters(cfg.filters, band=data.band) for name, data in self.categories.items()}
         cat_index = {name: i for i, name in enumerate(self.categories)}
-        out = []
+        out, jobs = [], []
         for i, row in enumerate(rows):
-            self.progress(f"iteration {k}: rendering", i, len(rows))
             name = row["category"]
             data = self.categories[name]
             proposal = Proposal.from_dict({key: row[key] for key in ("prompt", "text", "spec", "error")})
-            cid = f"{k}-{name}-{i:04d}"
             rng = self._rng(k, "render", cat_index[name], i)
             source = int(rng.integers(len(data.fit)))
-            record = {
-                "id": cid,
-                "iteration": k,
-                "category": name,
-                "prompt": proposal.prompt,
-                "text": proposal.text,
-                "spec": None if proposal.spec is None else proposal.spec.to_dict(),
-                "source_id": data.fit_ids[source],
-                "renderer": "",
-                "image": None,
-                "mask": None,
-                "verdicts": {},
-                "hardness": None,
-                "hardness_judge": None,
-                "label": "rejected",
-                "label_judge": None,
-                "reason": "",
-            }
-            if proposal.spec is None:
-                record["reason"] = f"parse:{proposal.error}"
-                out.append(record)
+            out.append(
+                {
+                    "id": f"{k}-{name}-{i:04d}",
+                    "iteration": k,
+                    "category": name,
+                    "prompt": proposal.prompt,
+                    "text": proposal.text,
+                    "spec": None if proposal.spec is None else proposal.spec.to_dict(),
+                    "source_id": data.fit_ids[source],
+                    "renderer": "",
+                    "image": None,
+                    "mask": None,
+                    "verdicts": {},
+                    "hardness": None,
+                    "hardness_judge": None,
+                    "label": "rejected",
+                    "label_judge": None,
+                    "reason": "" if proposal.spec is not None else f"parse:{proposal.error}",
+                    "render_info": {},
+                }
+            )
+            if proposal.spec is not None:
+                order = renderer_order(
+                    cfg.render.renderers, cfg.render.weights, self._rng(k, "render", cat_index[name], i, 1)
+                )
+                jobs.append(RenderJob(i, name, proposal.spec, source, rng, order))
+        results = render_jobs(
+            jobs,
+            renderers,
+            {name: data.fit for name, data in self.categories.items()},
+            progress=lambda done, total: self.progress(f"iteration {k}: rendering", done, total),
+        )
+        for result in results:
+            record, job = out[result.job.key], result.job
+            record["render_info"] = {"tried": job.tried, "errors": job.errors}
+            if result.output is None:
+                record["reason"] = result.reason
                 continue
-            image = mask = None
-            for rname, renderer in renderers:
-                try:
-                    image, mask = renderer.render(data.fit[source], proposal.spec, rng)
-                    record["renderer"] = rname
-                    break
-                except RenderError as error:
-                    record["reason"] = f"render:{error.reason}"
-            if image is None:
-                out.append(record)
-                continue
-            candidate = Candidate(cid, k, proposal, data.fit_ids[source], image, mask, record["renderer"])
-            verdicts = apply_filters(filters[name], data.fit[source], candidate)
+            data, output = self.categories[job.category], result.output
+            source = job.source if output.source is None else output.source
+            record["source_id"] = data.fit_ids[source]
+            record["renderer"] = result.renderer
+            record["render_info"].update(output.info)
+            proposal = Proposal.from_dict(
+                {key: rows[job.key][key] for key in ("prompt", "text", "spec", "error")}
+            )
+            candidate = Candidate(
+                record["id"], k, proposal, record["source_id"], output.image, output.mask, result.renderer
+            )
+            verdicts = apply_filters(
+                [
+                    f
+                    for f in filters[job.category]
+                    if output.mask is not None or not getattr(f, "needs_mask", False)
+                ],
+                data.fit[source],
+                candidate,
+            )
             record["verdicts"] = {
                 n: {"ok": v.ok, "score": float(v.score), "reason": v.reason} for n, v in verdicts.items()
             }
-            failed = [f"filter:{n}:{v.reason}" for n, v in verdicts.items() if not v.ok]
+            record["image"] = f"images/{record['id']}.png"
+            save_rgb(folder / record["image"], output.image)
+            if output.mask is not None:
+                record["mask"] = f"masks/{record['id']}.png"
+                save_mask(folder / record["mask"], output.mask)
+        if cfg.filters.match_band and cfg.filters.batch_band:
+            self._narrow_band(k, out)
+        for record in out:
+            if record["image"] is None:
+                continue
+            failed = [f"filter:{n}:{v['reason']}" for n, v in record["verdicts"].items() if not v["ok"]]
             record["label"], record["reason"] = ("rejected", failed[0]) if failed else ("pending", "")
-            record["image"] = f"images/{cid}.png"
-            record["mask"] = f"masks/{cid}.png"
-            save_rgb(folder / record["image"], image)
-            save_mask(folder / record["mask"], mask)
-            out.append(record)
         self.progress(f"iteration {k}: rendering", len(rows), len(rows))
         write_candidates(folder, out)
         return {"rendered": sum(r["image"] is not None for r in out)}
+
+    def _foreground_masks(self) -> dict[str, np.ndarray]:
+        """The user's foreground masks by category, at the loop's image size."""
+        size = self.config.data.image_size
+        return {name: read_mask(path, size) for name, path in self.config.render.foreground_masks.items()}
+
+    def _renderers(self) -> dict[str, Any]:
+        """The run's renderers, built once (diffusion pipelines load here)."""
+        if self._built_renderers is None:
+            negative = {name: data.knowledge.negative_prompt for name, data in self.categories.items()}
+            self._built_renderers = build_renderers(
+                self.config.render, RENDERERS, negative, self._foreground_masks()
+            )
+        return self._built_renderers
 
     def _evaluate(self, k: int, folder: Path) -> dict[str, Any]:
         rows = read_candidates(folder)
@@ -303,7 +346,7 @@ class KKALoop:
                 continue
             self.progress(f"iteration {k}: scoring hardness ({name})", 0, 1)
             images = [load_rgb(folder / r["image"]) for r in kept]
-            masks = [read_mask(folder / r["mask"]) for r in kept]
+            masks = [None if r["mask"] is None else read_mask(folder / r["mask"]) for r in kept]
             result = cross_fit_hardness(
                 data.fit,
                 data.holdout,
@@ -419,9 +462,11 @@ class KKALoop:
                         continue
                     defect = r["spec"]["defect_type"]
                     image = tmp / r["category"] / "test" / defect / f"{r['id']}.png"
-                    mask = tmp / r["category"] / "ground_truth" / defect / f"{r['id']}_mask.png"
                     save_rgb(image, load_rgb(folder / r["image"]))
-                    save_mask(mask, read_mask(folder / r["mask"]))
+                    mask = None
+                    if r["mask"] is not None:
+                        mask = tmp / r["category"] / "ground_truth" / defect / f"{r['id']}_mask.png"
+                        save_mask(mask, read_mask(folder / r["mask"]))
                     index.append(
                         {
                             "id": r["id"],
@@ -430,7 +475,7 @@ class KKALoop:
                             "category": r["category"],
                             "defect_type": defect,
                             "image": str(image.relative_to(tmp)),
-                            "mask": str(mask.relative_to(tmp)),
+                            "mask": None if mask is None else str(mask.relative_to(tmp)),
                             "hardness": r["hardness"],
                             "text": r["text"],
                         }

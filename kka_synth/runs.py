@@ -114,21 +114,27 @@ def read_parquet(path: Path) -> list[dict[str, Any]]:
 
 
 def read_candidates(folder: Path) -> list[dict[str, Any]]:
-    """An iteration's candidate rows, with ``spec`` and ``verdicts`` decoded from their JSON columns."""
+    """An iteration's candidate rows, with ``spec``, ``verdicts`` and ``render_info`` decoded from JSON.
+
+    ``mask`` is None for a kept candidate whose renderer could not say where the defect is (text-to-image);
+    runs written before ``render_info`` existed read it as an empty dict.
+    """
     rows = read_parquet(folder / "candidates.parquet")
     for r in rows:
         r["spec"] = None if r["spec"] is None else json.loads(r["spec"])
         r["verdicts"] = json.loads(r["verdicts"])
+        r["render_info"] = json.loads(r.get("render_info") or "{}")
     return rows
 
 
 def write_candidates(folder: Path, rows: list[dict[str, Any]]) -> None:
-    """Write an iteration's candidate rows, with ``spec`` and ``verdicts`` as JSON columns."""
+    """Write an iteration's candidate rows; ``spec``, ``verdicts`` and ``render_info`` go in as JSON."""
     table = [
         {
             **r,
             "spec": None if r["spec"] is None else json.dumps(r["spec"]),
             "verdicts": json.dumps(r["verdicts"]),
+            "render_info": json.dumps(r.get("render_info") or {}),
         }
         for r in rows
     ]

@@ -167,7 +167,8 @@ class Evaluation:
             if row["category"] != category:
                 continue
             image = load_rgb(curated / row["image"], self.size)
-            mask = load_mask(curated / row["mask"], self.size)
+            # a text-to-image anomaly may have no mask; detectors that need one skip it (and say so)
+            mask = None if row.get("mask") is None else load_mask(curated / row["mask"], self.size)
             clean = normal.get(str(row.get("source_id", "")).split("/")[-1])
             anomalies.append((image, mask, clean))
         return SyntheticStage("kka", anomalies=anomalies) if anomalies else None

@@ -423,8 +423,11 @@ def _sample_card(row: dict[str, Any], folder: Path, notes: list[str]) -> str:
         image = load_thumbnail(folder / str(row["image"]))
         pictures = thumb_html(image, str(row["id"]))
         try:
-            with_mask = outlined(image, folder / str(row["mask"]))
-            pictures += thumb_html(with_mask, f"{row['id']} with its mask outlined")
+            if row.get("mask") is None:
+                pictures += "<p>(no mask: the renderer could not locate the defect)</p>"
+            else:
+                with_mask = outlined(image, folder / str(row["mask"]))
+                pictures += thumb_html(with_mask, f"{row['id']} with its mask outlined")
         except _READ_ERRORS as error:
             notes.append(warn_note(f"{row['id']}: mask unreadable ({read_reason(error)})"))
     except _READ_ERRORS as error:

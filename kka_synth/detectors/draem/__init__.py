@@ -153,10 +153,15 @@ class DraemDetector:
             if not isinstance(stage, SyntheticStage):
                 raise ValueError(f"synthetic[{index}] must be a SyntheticStage, got {type(stage).__name__}")
             anomalies = []
+            maskless = 0
             for number, entry in enumerate(stage.anomalies):
                 where = f"stage {stage.name!r} anomaly {number}"
                 if not isinstance(entry, tuple) or len(entry) != 3:
                     raise ValueError(f"{where} must be a tuple (image, mask, clean or None)")
+                if entry[1] is None:
+                    # DRAEM learns to segment: an anomaly without a mask (text-to-image) gives no target
+                    maskless += 1
+                    continue
                 image = _check_rgb(entry[0], f"{where} image")
                 mask = _check_mask(entry[1], image.shape[:2], f"{where} mask")
                 clean = None if entry[2] is None else _check_rgb(entry[2], f"{where} clean image")
@@ -169,6 +174,17 @@ class DraemDetector:
                         None if clean is None else _resize(clean, size),
                     )
                 )
+            if maskless:
+                logger.warning(
+                    "stage %r: skipped %d of %d anomalies without a mask (DRAEM needs pixel targets)",
+                    stage.name,
+                    maskless,
+                    len(stage.anomalies),
+                )
+                if not anomalies and stage.draw is None:
+                    raise ValueError(
+                        f"stage {stage.name!r} has no anomaly with a mask; DRAEM needs pixel targets"
+                    )
             prepared.append(
                 SyntheticStage(stage.name, anomalies=anomalies, draw=stage.draw, share=stage.share)
             )
