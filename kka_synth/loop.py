@@ -50,8 +50,8 @@ from kka_synth.runs import (
     write_candidates,
     write_jsonl,
 )
-from kka_synth.synth import RENDERERS, RenderError, apply_filters, build_filters
-from kka_synth.synth.filters import MatchCountBand
+from kka_synth.synth import RENDERERS, RenderError, apply_filters_batch, build_filters
+from kka_synth.synth.filters import MatchBand, band_from_dict, build_band, match_distribution
 from kka_synth.synth.perlin import random_spec
 from kka_synth.synth.stage import RenderJob, build_renderers, render_jobs, renderer_order
 from kka_synth.types import Candidate, DefectSpec, Proposal
@@ -80,7 +80,7 @@ class CategoryData:
     fit_ids: list[str]
     holdout: list[np.ndarray]
     knowledge: Any
-    band: MatchCountBand | None = None
+    band: MatchBand | None = None
     judge: JudgeEvaluator | None = None
 
 
@@ -150,10 +150,12 @@ class KKALoop:
         for index, (name, data) in enumerate(self.categories.items()):
             if cfg.filters.match_band:
                 if name in calibration:
-                    data.band = MatchCountBand.from_dict(calibration[name])
+                    data.band = band_from_dict(calibration[name], cfg.filters)
                 else:
-                    data.band = MatchCountBand(quantiles=cfg.filters.band_quantiles)
+                    self.progress(f"calibrating the match band ({name})", 0, 1)
+                    data.band = build_band(cfg.filters)
                     data.band.calibrate(data.fit + data.holdout, self._rng(0, "prepare", index, 1))
+                    self.progress(f"calibrating the match band ({name})", 1, 1)
                     calibration[name] = data.band.to_dict()
         atomic_write_json(calibration_path, calibration)
         if not all(self.run.stage_done(f"{k}/render") for k in range(1, cfg.iterations + 1)):
@@ -279,6 +281,7 @@ class KKALoop:
             {name: data.fit for name, data in self.categories.items()},
             progress=lambda done, total: self.progress(f"iteration {k}: rendering", done, total),
         )
+        judged: dict[str, list[tuple[dict[str, Any], np.ndarray, Candidate]]] = {}
         for result in results:
             record, job = out[result.job.key], result.job
             record["render_info"] = {"tried": job.tried, "errors": job.errors}
@@ -296,30 +299,27 @@ class KKALoop:
             candidate = Candidate(
                 record["id"], k, proposal, record["source_id"], output.image, output.mask, result.renderer
             )
-            verdicts = apply_filters(
-                [
-                    f
-                    for f in filters[job.category]
-                    if output.mask is not None or not getattr(f, "needs_mask", False)
-                ],
-                data.fit[source],
-                candidate,
-            )
-            record["verdicts"] = {
-                n: {"ok": v.ok, "score": float(v.score), "reason": v.reason} for n, v in verdicts.items()
-            }
+            judged.setdefault(job.category, []).append((record, data.fit[source], candidate))
             record["image"] = f"images/{record['id']}.png"
             save_rgb(folder / record["image"], output.image)
             if output.mask is not None:
                 record["mask"] = f"masks/{record['id']}.png"
                 save_mask(folder / record["mask"], output.mask)
-        if cfg.filters.match_band and cfg.filters.batch_band:
-            self._narrow_band(k, out)
-        for record in out:
-            if record["image"] is None:
-                continue
-            failed = [f"filter:{n}:{v['reason']}" for n, v in record["verdicts"].items() if not v["ok"]]
-            record["label"], record["reason"] = ("rejected", failed[0]) if failed else ("pending", "")
+        for name, items in judged.items():
+            self.progress(f"iteration {k}: filtering ({name})", 0, 1)
+            verdicts = apply_filters_batch(
+                filters[name],
+                [source for _, source, _ in items],
+                [candidate for _, _, candidate in items],
+                batch_band=cfg.filters.batch_band,
+            )
+            for (record, _, _), found in zip(items, verdicts, strict=True):
+                record["verdicts"] = {
+                    n: {"ok": v.ok, "score": float(v.score), "reason": v.reason} for n, v in found.items()
+                }
+                failed = [f"filter:{n}:{v.reason}" for n, v in found.items() if not v.ok]
+                record["label"], record["reason"] = ("rejected", failed[0]) if failed else ("pending", "")
+            self.progress(f"iteration {k}: filtering ({name})", 1, 1)
         self.progress(f"iteration {k}: rendering", len(rows), len(rows))
         write_candidates(folder, out)
         return {"rendered": sum(r["image"] is not None for r in out)}
@@ -421,6 +421,7 @@ class KKALoop:
                 "kept": len(ck),
                 "hard_share": _share(ck, "label"),
                 "hard_share_judge": _share(ck, "label_judge"),
+                "match_scores": _match_scores([r for r in rows if r["category"] == name]),
             }
         return {
             "iteration": k,
@@ -442,6 +443,11 @@ class KKALoop:
             "distinct_specs": len({spec_key(s) for s in specs}),
             "field_entropy": field_entropy(specs),
             "per_category": per_category,
+            # the band's score distribution over every judged render, as arXiv 2512.23227 reports it to set
+            # its thresholds; per category above, with each category's band edges in calibration.json
+            "match_scores": _match_scores(rows),
+            "renderers": dict(Counter(r["renderer"] for r in rows if r["renderer"])),
+            "masks_absent": sum(r["image"] is not None and r["mask"] is None for r in rows),
             "dpo": {
                 key: align.get(key) for key in ("pairs", "steps", "margin_before", "margin_after", "loss")
             },
@@ -489,6 +495,12 @@ class KKALoop:
 def _share(rows: list[dict[str, Any]], key: str) -> float | None:
     labelled = [r for r in rows if r.get(key) is not None]
     return sum(r[key] == "hard" for r in labelled) / len(labelled) if labelled else None
+
+
+def _match_scores(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """:func:`match_distribution` of the match band's scores among ``rows`` (None when no band judged)."""
+    scores = [r["verdicts"]["match_band"]["score"] for r in rows if "match_band" in r.get("verdicts", {})]
+    return match_distribution(scores) if scores else None
 
 
 def _diversity_key(proposal: Proposal) -> object:

@@ -365,4 +365,6 @@ class PerlinAnomalies:
                 continue
             if mask.any():
                 return result, mask
-        raise RenderError(f"no Perlin anomaly fits this {self.category} image in {self.attempts} attempts")
+        raise RenderError(
+            "no_fit", f"no Perlin anomaly fits this {self.category} image in {self.attempts} attempts"
+        )

@@ -81,6 +81,8 @@ def build_renderers(
             )
         else:
             renderers[name] = cls()
+        if hasattr(renderers[name], "load"):
+            renderers[name].load()  # a missing model fails here, before anything is rendered
     return renderers
 
 

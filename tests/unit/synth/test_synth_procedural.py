@@ -5,7 +5,15 @@ import numpy as np
 import pytest
 from skimage.morphology import skeletonize
 
-from kka_synth.synth import RENDERERS, PerlinRenderer, ProceduralRenderer, RenderError
+from kka_synth.synth import (
+    RENDERERS,
+    EditRenderer,
+    InpaintRenderer,
+    PerlinRenderer,
+    ProceduralRenderer,
+    RenderError,
+    Text2ImageRenderer,
+)
 from kka_synth.synth.foreground import estimate_foreground
 from kka_synth.synth.procedural import read_hints, strength
 from kka_synth.types import REGIONS, SHAPES, TONES, DefectSpec
@@ -148,6 +156,12 @@ def test_bad_inputs_raise_render_errors(brick, object_image):
     assert error.value.reason == "no_foreground"
 
 
-def test_registry_names_both_renderers():
-    assert RENDERERS == {"procedural": ProceduralRenderer, "perlin": PerlinRenderer}
+def test_registry_names_every_renderer():
+    assert RENDERERS == {
+        "procedural": ProceduralRenderer,
+        "perlin": PerlinRenderer,
+        "inpaint": InpaintRenderer,
+        "edit": EditRenderer,
+        "text2img": Text2ImageRenderer,
+    }
     assert all(cls.name == name for name, cls in RENDERERS.items())
