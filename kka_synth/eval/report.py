@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib import colormaps
 from PIL import Image
 
 from kka_synth.eval.html import (
@@ -43,6 +42,7 @@ from kka_synth.eval.html import (
     thumb_html,
     warn_note,
 )
+from kka_synth.eval.report_render import match_band_html, rejection_html, renderer_html
 from kka_synth.runs import MANIFEST, RunDir, RunError, atomic_write_text, read_candidates
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,8 @@ HOW_TO_READ = {
     "Hardness": "hardness of the kept candidates per iteration; right of the dotted line (hardness > 0) "
     "is hard; the axis is logarithmic beyond ±1, so the long easy tail fits.",
     "Rejections": "why proposals were dropped: parse (the text was no valid spec), render (the renderer "
-    "failed) or filter (the render changed too little, too much or outside its region).",
+    "failed) or filter (the render changed too little, too much or outside its region); then which "
+    "renderer made the renders, and the match band's scores per iteration against its calibrated edges.",
     "Samples": "the hardest and easiest kept candidates of the last iteration that kept any, each as the "
     "image and the image with its mask outlined, with its spec and hardness.",
     "Evaluation": "detectors trained on normal images plus each synthetic variant, tested on the real test "
@@ -373,22 +374,12 @@ def _rejection_section(iterations: list[_Iteration]) -> str:
     done = [it for it in iterations if it.stats is not None and isinstance(it.stats.get("rejections"), dict)]
     if not done:
         return _section("Rejections", note_html("no iteration has rejection counts yet"))
-    reasons = sorted({reason for it in done for reason in it.stats["rejections"]})
-    if not reasons:
-        return _section("Rejections", "<p>No proposal was rejected.</p>")
-    figure = new_figure(8.0, 1.2 + 0.4 * len(done))
-    axes = figure.add_subplot()
-    labels = [f"iteration {it.k}" for it in done]
-    left = np.zeros(len(done))
-    for index, reason in enumerate(reasons):
-        counts = np.array([float(finite_number(it.stats["rejections"].get(reason)) or 0.0) for it in done])
-        colour = f"C{index}" if len(reasons) <= 10 else colormaps["tab20"](index % 20)
-        axes.barh(labels, counts, left=left, color=colour, label=reason)
-        left += counts
-    axes.invert_yaxis()
-    axes.set(xlabel="rejected proposals")
-    axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    return _section("Rejections", img_html(figure_uri(figure), "rejection reasons per iteration"))
+    stats = [(it.k, it.stats) for it in done]
+    notes: list[str] = []
+    path = done[0].folder.parent.parent / "calibration.json"
+    calibration = (_read_json(path, notes) if path.is_file() else None) or {}
+    body = rejection_html(stats) + renderer_html(stats) + match_band_html(stats, calibration)
+    return _section("Rejections", body + notes_html(notes))
 
 
 def _sample_section(iterations: list[_Iteration]) -> str:
@@ -469,6 +460,7 @@ def _evaluation_section(run_dir: Path) -> str:
             notes.append(warn_note(f"metrics.json: category {category} is not a mapping"))
             continue
         parts.append(_metrics_table(detectors))
+        notes_at = len(parts)
         results = {}
         for detector, variants in detectors.items():
             for variant in variants if isinstance(variants, dict) else {}:
@@ -478,6 +470,7 @@ def _evaluation_section(run_dir: Path) -> str:
                 result = _read_json(result_path, notes)
                 if isinstance(result, dict):
                     results[(detector, variant)] = (result, result_path.parent)
+        parts.insert(notes_at, _detector_notes(results))
         parts.append(_roc_plots(category, results, notes))
         parts.append(_overlays(results, notes))
     return _section("Evaluation", "".join(parts) + notes_html(notes))
@@ -510,6 +503,23 @@ def _metrics_table(detectors: dict[str, Any]) -> str:
         cells += [fmt_cell(entry.get("n")), fmt_cell(entry.get("train_seconds"), 1)]
         body.append(cells)
     return table_html(head, body, left=2)
+
+
+def _detector_notes(results: dict[tuple[str, str], tuple[dict, Path]]) -> str:
+    """What detectors said about themselves in result.json ``notes`` (e.g. random backbone weights), once per
+    detector and note, naming the variants when a note holds for only some of them."""
+    variants: dict[str, list[str]] = {}
+    by_note: dict[tuple[str, str], list[str]] = {}
+    for (detector, variant), (result, _) in results.items():
+        variants.setdefault(detector, []).append(variant)
+        notes = result.get("notes")
+        for note in notes if isinstance(notes, list) else []:
+            by_note.setdefault((detector, str(note)), []).append(variant)
+    lines = []
+    for (detector, note), where in by_note.items():
+        scope = detector if len(where) == len(variants[detector]) else f"{detector} ({', '.join(where)})"
+        lines.append(f"{scope}: {note}")
+    return notes_html(lines)
 
 
 def _metric_cell(mean: float | None, std: float | None) -> str:

@@ -6,7 +6,6 @@ import importlib.util
 
 EXTRAS = {
     "diffusers": "diffusion",
-    "kornia": "diffusion",
     "vllm": "vllm",
     "langchain": "agents",
     "langchain_openai": "agents",

@@ -80,7 +80,9 @@ def test_hub_profile_inpaints_and_filters_with_lightglue(tmp_path: Path, models:
         image = np.asarray(Image.open(run / "iterations" / "1" / r["image"]))
         mask = np.asarray(Image.open(run / "iterations" / "1" / r["mask"])) > 0
         assert image.shape == (64, 64, 3) and mask.shape == (64, 64) and mask.any()
-    assert (run / "report.html").is_file()
+    page = (run / "report.html").read_text()
+    assert "Match band" in page
+    assert "Renders by renderer: iteration 1: inpaint" in page
 
 
 def test_a_renderer_mix_and_text2img_without_masks(tmp_path: Path, models: dict[str, Path]):
