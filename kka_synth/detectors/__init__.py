@@ -12,6 +12,7 @@ from typing import Protocol
 import numpy as np
 
 from kka_synth.detectors.draem import DraemDetector
+from kka_synth.detectors.vfm import VfmDetector
 from kka_synth.types import DetectorOutput, SyntheticStage
 
 
@@ -31,5 +32,5 @@ class Detector(Protocol):
     def load(cls, path: Path) -> Detector: ...
 
 
-DETECTORS: dict[str, type] = {"draem": DraemDetector}
+DETECTORS: dict[str, type] = {"draem": DraemDetector, "vfm": VfmDetector}
 """CLI name -> detector class; the bundled detectors register here as they are added."""

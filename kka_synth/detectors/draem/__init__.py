@@ -22,7 +22,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
@@ -30,6 +29,7 @@ from torch.nn import functional as F
 
 from kka_synth.detectors.draem.model import DraemModel
 from kka_synth.detectors.draem.train import STRIDE, DraemConfig, ssim_map, train_draem
+from kka_synth.detectors.inputs import check_images, check_mask, check_rgb, resize_mask, resize_rgb
 from kka_synth.types import DetectorOutput, SyntheticStage
 
 __all__ = ["DraemConfig", "DraemDetector", "DraemModel"]
@@ -40,45 +40,6 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 MODES = ("draem", "none")
 """``draem``: trained on synthetic anomalies, scored by segmentation; ``none``: reconstruction error only."""
-
-
-def _check_rgb(image: object, name: str) -> np.ndarray:
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        shape = getattr(image, "shape", None)
-        dtype = getattr(image, "dtype", type(image).__name__)
-        raise ValueError(f"{name} must be an RGB uint8 array (H, W, 3), got shape {shape} dtype {dtype}")
-    if min(image.shape[:2]) < 1:
-        raise ValueError(f"{name} is empty, got shape {image.shape}")
-    return image
-
-
-def _check_images(images: object, name: str) -> list[np.ndarray]:
-    if not isinstance(images, Sequence) or isinstance(images, (str, bytes, np.ndarray)):
-        raise ValueError(f"{name} must be a list of RGB uint8 arrays, got {type(images).__name__}")
-    return [_check_rgb(image, f"{name}[{index}]") for index, image in enumerate(images)]
-
-
-def _check_mask(mask: object, shape: tuple[int, ...], name: str) -> np.ndarray:
-    if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_ or mask.shape != shape:
-        raise ValueError(
-            f"{name} must be a bool array of shape {shape}, got shape {getattr(mask, 'shape', None)} "
-            f"dtype {getattr(mask, 'dtype', type(mask).__name__)}"
-        )
-    return mask
-
-
-def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(H, W, 3) uint8 -> (size[0], size[1], 3): area averaging when shrinking, bilinear otherwise."""
-    if image.shape[:2] == size:
-        return image
-    shrink = image.shape[0] > size[0] or image.shape[1] > size[1]
-    return cv2.resize(image, size[::-1], interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-
-
-def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    if mask.shape == size:
-        return mask
-    return cv2.resize(mask.astype(np.uint8), size[::-1], interpolation=cv2.INTER_NEAREST).astype(bool)
 
 
 def _score_kernel(config: DraemConfig, size: tuple[int, int]) -> int:
@@ -162,16 +123,16 @@ class DraemDetector:
                     # DRAEM learns to segment: an anomaly without a mask (text-to-image) gives no target
                     maskless += 1
                     continue
-                image = _check_rgb(entry[0], f"{where} image")
-                mask = _check_mask(entry[1], image.shape[:2], f"{where} mask")
-                clean = None if entry[2] is None else _check_rgb(entry[2], f"{where} clean image")
+                image = check_rgb(entry[0], f"{where} image")
+                mask = check_mask(entry[1], image.shape[:2], f"{where} mask")
+                clean = None if entry[2] is None else check_rgb(entry[2], f"{where} clean image")
                 if clean is not None and clean.shape != image.shape:
                     raise ValueError(f"{where}: clean image shape {clean.shape} differs from {image.shape}")
                 anomalies.append(
                     (
-                        _resize(image, size),
-                        _resize_mask(mask, size),
-                        None if clean is None else _resize(clean, size),
+                        resize_rgb(image, size),
+                        resize_mask(mask, size),
+                        None if clean is None else resize_rgb(clean, size),
                     )
                 )
             if maskless:
@@ -208,14 +169,14 @@ class DraemDetector:
         ``synthetic=None`` trains only the reconstructive sub-network on normal images, and :meth:`predict`
         then scores by reconstruction error.
         """
-        normals = _check_images(normal, "normal")
+        normals = check_images(normal, "normal")
         if not normals:
             raise ValueError("normal must hold at least one image")
         size = self._working_size(normals[0])
         if self.config.crop is not None and self.config.crop > min(size):
             raise ValueError(f"draem.crop {self.config.crop} exceeds the working size {size}")
         stages = self._prepare_stages(synthetic, size)
-        resized = [_resize(image, size) for image in normals]
+        resized = [resize_rgb(image, size) for image in normals]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.seed)
             model = DraemModel(self.config.recon_width, self.config.disc_width)
@@ -234,7 +195,7 @@ class DraemDetector:
         """
         if self.model is None or self.size is None:
             raise RuntimeError("DraemDetector.predict called before fit or load")
-        checked = _check_images(images, "images")
+        checked = check_images(images, "images")
         shapes = sorted({image.shape[:2] for image in checked})
         if len(shapes) > 1:
             raise ValueError(
@@ -247,7 +208,7 @@ class DraemDetector:
         with torch.inference_mode():
             for start in range(0, len(checked), self.config.eval_batch_size):
                 chunk = [
-                    _resize(image, self.size)
+                    resize_rgb(image, self.size)
                     for image in checked[start : start + self.config.eval_batch_size]
                 ]
                 x = torch.from_numpy(np.stack(chunk).astype(np.float32) / 255.0).permute(0, 3, 1, 2)
