@@ -383,23 +383,24 @@ def _metrics_tables(summary: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from kka_synth.eval.protocol import METRIC_TITLES, METRICS, format_cell
+    from kka_synth.eval.protocol import METRIC_TITLES, format_cell, shown_metrics
 
     console = Console()
     if not console.is_terminal:
         console.width = 160
+    shown = shown_metrics(summary)
     if not summary["categories"]:
         console.print("no results: every variant was skipped (see the warnings above)")
     for category, detectors in summary["categories"].items():
         table = Table(title=f"{category}: real test split, mean ± std over {len(summary['seeds'])} seed(s)")
-        for column in ("detector", "variant", *(METRIC_TITLES[m] for m in METRICS), "train s"):
+        for column in ("detector", "variant", *(METRIC_TITLES[m] for m in shown), "train s"):
             table.add_column(column, justify="left" if column in ("detector", "variant") else "right")
         for detector, variants in detectors.items():
             for variant, entry in variants.items():
                 table.add_row(
                     detector,
                     variant,
-                    *(format_cell(entry, m) for m in METRICS),
+                    *(format_cell(entry, m) for m in shown),
                     f"{entry['train_seconds']:.0f}",
                 )
         console.print(table)

@@ -11,6 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
+from kka_synth.detectors.aecsad import AecsadDetector
 from kka_synth.detectors.draem import DraemDetector
 from kka_synth.detectors.vfm import VfmDetector
 from kka_synth.types import DetectorOutput, SyntheticStage
@@ -32,5 +33,5 @@ class Detector(Protocol):
     def load(cls, path: Path) -> Detector: ...
 
 
-DETECTORS: dict[str, type] = {"draem": DraemDetector, "vfm": VfmDetector}
+DETECTORS: dict[str, type] = {"aecsad": AecsadDetector, "draem": DraemDetector, "vfm": VfmDetector}
 """CLI name -> detector class; the bundled detectors register here as they are added."""

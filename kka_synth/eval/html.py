@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import logging
 import math
 from pathlib import Path
@@ -138,3 +139,28 @@ def outlined(image: Image.Image, mask_path: Path) -> Image.Image:
     pixels = np.array(image)  # (H, W, 3)
     pixels[edge] = OUTLINE
     return Image.fromarray(pixels)
+
+
+READ_ERRORS = (
+    OSError,
+    ValueError,
+    KeyError,
+    TypeError,
+    IndexError,
+    AttributeError,
+    Image.DecompressionBombError,
+)
+"""What reading a piece of the run may raise (pyarrow's errors derive from OSError and ValueError)."""
+
+
+def section_html(title: str, body: str) -> str:
+    return f"<section><h2>{html.escape(title)}</h2>{body}</section>"
+
+
+def read_json(path: Path, notes: list[str]) -> Any:
+    """The JSON at ``path``, or None with a warning note appended to ``notes``."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        notes.append(warn_note(f"cannot read {run_relative(path)}: {read_reason(error)}"))
+        return None

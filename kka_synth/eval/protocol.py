@@ -14,10 +14,12 @@ Leveraging Synthetic Images" (arXiv 2512.23227), with the run's curated KKA set 
     reverse    the curated set first, then rule-based anomalies (the paper's order ablation)
 
 Every (category, detector, variant, seed) writes ``eval/<category>/<detector>/<variant>/seed<k>/`` with
-``result.json`` (metrics, ROC curves, timings, overlay captions), ``overlays/`` (a few test images with their
+``result.json`` (metrics, ROC curves, timings, overlay captions, and the ``notes`` a detector states about
+itself, such as random backbone weights), ``overlays/`` (a few test images with their
 anomaly maps) and ``model/`` (the trained weights). A finished result is kept and reused when the command is
 run again, so an interrupted evaluation loses nothing. ``metrics.json`` (mean and std over seeds) and
-``metrics.md`` (a table per category) are rebuilt from the results at the end.
+``metrics.md`` (a table per category) are rebuilt from the results at the end. On MVTec LOCO AD the metrics
+also hold ``logical_auroc`` and ``structural_auroc`` (each anomaly kind against all normal test images).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import numpy as np
 from kka_synth.config import VARIANTS, ConfigError, EvalConfig
 from kka_synth.data import DataError, load_mask, load_rgb, load_samples, save_rgb
 from kka_synth.data.mvtec import loco_defects_config, loco_regions
-from kka_synth.eval.metrics import PixelScores, anomaly_metrics, roc_points
+from kka_synth.eval.metrics import PixelScores, anomaly_metrics, image_auroc, roc_points
 from kka_synth.prompts.knowledge import load_knowledge
 from kka_synth.runs import RunDir, atomic_dir, atomic_write_json, atomic_write_text, read_jsonl
 from kka_synth.synth.perlin import PerlinAnomalies
@@ -56,7 +58,12 @@ METRIC_TITLES = {
     "image_f1_max": "image F1-max",
     "pixel_f1_max": "pixel F1-max",
     "spro": "sPRO",
+    "logical_auroc": "logical AUROC",
+    "structural_auroc": "structural AUROC",
 }
+LOCO_METRICS = ("logical_auroc", "structural_auroc")
+"""MVTec LOCO AD's image AUROC per anomaly kind (its test folders ``logical_anomalies`` and
+``structural_anomalies``), each against all normal test images; only results on such splits have them."""
 
 
 def _silent(task: str, done: int, total: int) -> None:
@@ -177,12 +184,19 @@ class Evaluation:
     def result_dir(self, category: str, detector: str, variant: str, seed: int) -> Path:
         return self.folder / category / detector / variant / f"seed{seed}"
 
-    def _detector(self, name: str, seed: int, task: str) -> Any:
+    def _detector(self, name: str, seed: int, task: str, category: str | None = None) -> Any:
         from kka_synth.detectors import DETECTORS
 
         cls = DETECTORS[name]
         options = {**cls.profiles.get(self.run_config.profile, {}), **self.config.options.get(name, {})}
         options["seed"] = seed
+        fields = getattr(cls.config_class, "__dataclass_fields__", {})
+        if category is not None and "components" in fields and not options.get("components"):
+            # a detector prompted with the category's parts (AeCSAD's GroundingDINO) gets the knowledge base's
+            dataset = self.run_config.data.dataset
+            options["components"] = list(
+                load_knowledge(category, None if dataset == "folder" else dataset).components
+            )
         try:
             config = cls.config_class(**options)
         except (TypeError, ValueError) as error:
@@ -200,7 +214,7 @@ class Evaluation:
         test: TestSplit,
     ) -> dict[str, Any]:
         task = f"{category} {detector_name} {variant} seed {seed}"
-        detector = self._detector(detector_name, seed, task)
+        detector = self._detector(detector_name, seed, task, category)
         started = time.perf_counter()
         detector.fit(normal, stages)
         train_seconds = time.perf_counter() - started
@@ -210,6 +224,7 @@ class Evaluation:
         scores = np.asarray(output.pred_score, dtype=np.float64)
         maps = np.asarray(output.anomaly_map, dtype=np.float32)
         metrics = anomaly_metrics(test.labels, scores, test.masks, maps, test.regions)
+        metrics.update(loco_aurocs(test, scores))
         curves: dict[str, Any] = {"image_roc": _curve(*roc_points(test.labels, scores)), "pixel_roc": None}
         if test.masks is not None and test.masks.any() and not test.masks.all():
             curves["pixel_roc"] = _curve(*PixelScores(test.masks, maps).roc_points())
@@ -234,6 +249,7 @@ class Evaluation:
                 "image_size": self.size,
                 "curves": curves,
                 "overlays": overlays,
+                "notes": [str(note) for note in getattr(detector, "notes", [])],
             }
             atomic_write_json(tmp / "result.json", result)
         return result
@@ -342,7 +358,7 @@ class Evaluation:
                         "n": len(results),
                         "train_seconds": round(float(np.mean([r["train_seconds"] for r in results])), 3),
                     }
-                    for metric in METRICS:
+                    for metric in (*METRICS, *LOCO_METRICS):
                         values = [r["metrics"].get(metric) for r in results]
                         values = [v for v in values if v is not None and math.isfinite(v)]
                         entry["mean"][metric] = float(np.mean(values)) if values else None
@@ -356,6 +372,32 @@ class Evaluation:
             "seeds": seeds,
             "categories": categories,
         }
+
+
+def loco_aurocs(test: TestSplit, scores: np.ndarray) -> dict[str, float]:
+    """``logical_auroc`` and ``structural_auroc`` of a split holding MVTec LOCO's anomaly kinds (each kind
+    against all normal test images); an empty dict for other datasets."""
+    kinds = np.array([sample.defect_type for sample in test.samples])
+    out = {}
+    for metric, kind in zip(LOCO_METRICS, ("logical_anomalies", "structural_anomalies"), strict=True):
+        chosen = (test.labels == 0) | (kinds == kind)
+        if (kinds == kind).any() and (test.labels == 0).any():
+            out[metric] = image_auroc(test.labels[chosen], np.asarray(scores)[chosen])
+    return out
+
+
+def shown_metrics(summary: dict[str, Any]) -> tuple[str, ...]:
+    """The metrics a table of ``summary`` shows: :data:`METRICS`, plus the :data:`LOCO_METRICS` that some
+    result has."""
+    present = {
+        metric
+        for detectors in summary["categories"].values()
+        for variants in detectors.values()
+        for entry in variants.values()
+        for metric in LOCO_METRICS
+        if entry["mean"].get(metric) is not None
+    }
+    return (*METRICS, *(metric for metric in LOCO_METRICS if metric in present))
 
 
 def _read_result(folder: Path) -> dict[str, Any] | None:
@@ -385,14 +427,15 @@ def metrics_markdown(summary: dict[str, Any]) -> str:
     """A markdown table per category: one row per detector and variant."""
     lines = [f"# Metrics on the real test split of {summary['dataset']} ({summary['image_size']} px)", ""]
     lines.append(f"Seeds: {', '.join(str(s) for s in summary['seeds'])}; mean ± std over seeds.")
+    shown = shown_metrics(summary)
     for category, detectors in summary["categories"].items():
         lines += ["", f"## {category}", ""]
-        header = ["detector", "variant", *(METRIC_TITLES[m] for m in METRICS), "train s"]
+        header = ["detector", "variant", *(METRIC_TITLES[m] for m in shown), "train s"]
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "---|" * len(header))
         for detector, variants in detectors.items():
             for variant, entry in variants.items():
-                cells = [detector, variant, *(format_cell(entry, m) for m in METRICS)]
+                cells = [detector, variant, *(format_cell(entry, m) for m in shown)]
                 cells.append(f"{entry['train_seconds']:.0f}")
                 lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -414,12 +457,15 @@ def evaluate_run(
 
 
 __all__ = [
+    "LOCO_METRICS",
     "METRICS",
     "METRIC_TITLES",
     "Evaluation",
     "TestSplit",
     "evaluate_run",
     "format_cell",
+    "loco_aurocs",
     "metrics_markdown",
+    "shown_metrics",
     "variant_stages",
 ]

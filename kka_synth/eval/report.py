@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from kka_synth.eval.html import (
+    READ_ERRORS,
     figure_uri,
     finite_number,
     fmt_cell,
@@ -36,12 +36,14 @@ from kka_synth.eval.html import (
     note_html,
     notes_html,
     outlined,
+    read_json,
     read_reason,
-    run_relative,
+    section_html,
     table_html,
     thumb_html,
     warn_note,
 )
+from kka_synth.eval.report_eval import evaluation_section
 from kka_synth.eval.report_render import match_band_html, rejection_html, renderer_html
 from kka_synth.runs import MANIFEST, RunDir, RunError, atomic_write_text, read_candidates
 
@@ -52,27 +54,6 @@ SAMPLES_PER_SIDE = 6
 """Most hardest (and most easiest) kept candidates shown per category."""
 SAMPLE_BUDGET = 96
 """Most candidates shown in the sample grid over all categories (fewer per category when there are many)."""
-OVERLAY_BUDGET = 12
-"""Most anomaly-map overlays shown per category, shared by its detectors and variants."""
-METRICS = (
-    ("image_auroc", "image AUROC"),
-    ("pixel_auroc", "pixel AUROC"),
-    ("aupro", "AUPRO"),
-    ("image_f1_max", "image F1-max"),
-    ("pixel_f1_max", "pixel F1-max"),
-    ("spro", "sPRO"),
-)
-_READ_ERRORS = (
-    OSError,
-    ValueError,
-    KeyError,
-    TypeError,
-    IndexError,
-    AttributeError,
-    Image.DecompressionBombError,
-)
-"""What reading a piece of the run may raise (pyarrow's errors derive from OSError and ValueError)."""
-
 HOW_TO_READ = {
     "Hard share": "the share of kept candidates the evaluator calls hard (close to normal) per iteration; "
     "solid lines are the Deep SAD refit each iteration, dashed ones the fixed judge (fixed goalposts).",
@@ -137,7 +118,7 @@ def write_report(run_dir: Path) -> Path:
         _guarded("Hardness", _hardness_section, iterations),
         _guarded("Rejections", _rejection_section, iterations),
         _guarded("Samples", _sample_section, iterations),
-        _guarded("Evaluation", _evaluation_section, run_dir),
+        _guarded("Evaluation", evaluation_section, run_dir),
     ]
     title = html.escape(f"kka-synth report: {config.get('name', run_dir.name)}")
     page = (
@@ -156,10 +137,10 @@ def _guarded(title: str, build: Callable[..., str], *args: Any) -> str:
     """One section from ``build(*args)``; a piece of the run malformed in an unforeseen way costs only it."""
     try:
         return build(*args)
-    except _READ_ERRORS as error:
+    except READ_ERRORS as error:
         logger.warning("report: the %s section failed", title, exc_info=True)
         reason = f"{type(error).__name__}: {read_reason(error)}"
-        return _section(title, note_html(f"this section could not be drawn ({reason})"))
+        return section_html(title, note_html(f"this section could not be drawn ({reason})"))
 
 
 # loading -----------------------------------------------------------------------------------------------
@@ -194,7 +175,7 @@ def _load_iterations(run_dir: Path, planned: int) -> list[_Iteration]:
                 it.notes["stats"] = f"iteration {k}: no readable stats.json ({read_reason(error)})"
             try:
                 it.rows = read_candidates(it.folder)
-            except _READ_ERRORS as error:
+            except READ_ERRORS as error:
                 it.notes["rows"] = f"iteration {k}: no readable candidates.parquet ({read_reason(error)})"
         for note in dict.fromkeys(it.notes.values()):
             logger.warning("report: %s", note)
@@ -202,19 +183,7 @@ def _load_iterations(run_dir: Path, planned: int) -> list[_Iteration]:
     return out
 
 
-def _read_json(path: Path, notes: list[str]) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        notes.append(warn_note(f"cannot read {run_relative(path)}: {read_reason(error)}"))
-        return None
-
-
 # sections ----------------------------------------------------------------------------------------------
-def _section(title: str, body: str) -> str:
-    return f"<section><h2>{html.escape(title)}</h2>{body}</section>"
-
-
 def _categories(manifest: dict[str, Any], iterations: list[_Iteration]) -> list[str]:
     prepared = manifest.get("stages", {}).get("prepare", {}).get("categories")
     if prepared:
@@ -264,7 +233,7 @@ def _hard_share_section(iterations: list[_Iteration]) -> str:
     done = [it for it in iterations if it.stats is not None]
     notes = [it.notes["stats"] for it in iterations if "stats" in it.notes]
     if not done:
-        return _section("Hard share", notes_html([*notes, "no iteration has finished yet"]))
+        return section_html("Hard share", notes_html([*notes, "no iteration has finished yet"]))
     ks = [it.k for it in done]
     figure = new_figure(7.5, 3.4)
     axes = figure.add_subplot()
@@ -323,7 +292,7 @@ def _hard_share_section(iterations: list[_Iteration]) -> str:
     body = (
         notes_html(notes) + img_html(figure_uri(figure), "hard share per iteration") + table_html(head, rows)
     )
-    return _section("Hard share", body)
+    return section_html("Hard share", body)
 
 
 def _kept(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -338,7 +307,7 @@ def _hardness_section(iterations: list[_Iteration]) -> str:
     kept = {it.k: _kept(it.rows) for it in iterations if it.rows is not None}
     values = [r["hardness"] for rows in kept.values() for r in rows]
     if not values:
-        return _section("Hardness", notes_html([*notes, "no kept candidate has a hardness yet"]))
+        return section_html("Hardness", notes_html([*notes, "no kept candidate has a hardness yet"]))
     bins = _symlog_bins(np.asarray(values))
     plots = []
     for k, rows in kept.items():
@@ -355,7 +324,7 @@ def _hardness_section(iterations: list[_Iteration]) -> str:
         axes.title.set_fontsize(9)
         axes.legend(fontsize=7)
         plots.append(img_html(figure_uri(figure), f"hardness histogram, iteration {k}"))
-    return _section("Hardness", notes_html(notes) + f'<div class="row">{"".join(plots)}</div>')
+    return section_html("Hardness", notes_html(notes) + f'<div class="row">{"".join(plots)}</div>')
 
 
 def _symlog_bins(values: np.ndarray, count: int = 24) -> np.ndarray:
@@ -373,13 +342,13 @@ def _symlog_bins(values: np.ndarray, count: int = 24) -> np.ndarray:
 def _rejection_section(iterations: list[_Iteration]) -> str:
     done = [it for it in iterations if it.stats is not None and isinstance(it.stats.get("rejections"), dict)]
     if not done:
-        return _section("Rejections", note_html("no iteration has rejection counts yet"))
+        return section_html("Rejections", note_html("no iteration has rejection counts yet"))
     stats = [(it.k, it.stats) for it in done]
     notes: list[str] = []
     path = done[0].folder.parent.parent / "calibration.json"
-    calibration = (_read_json(path, notes) if path.is_file() else None) or {}
+    calibration = (read_json(path, notes) if path.is_file() else None) or {}
     body = rejection_html(stats) + renderer_html(stats) + match_band_html(stats, calibration)
-    return _section("Rejections", body + notes_html(notes))
+    return section_html("Rejections", body + notes_html(notes))
 
 
 def _sample_section(iterations: list[_Iteration]) -> str:
@@ -391,7 +360,7 @@ def _sample_section(iterations: list[_Iteration]) -> str:
             if name not in latest:
                 latest[name] = (it.k, [r for r in kept if r["category"] == name], it.folder)
     if not latest:
-        return _section("Samples", note_html("no kept candidates to show yet"))
+        return section_html("Samples", note_html("no kept candidates to show yet"))
     per_side = max(1, min(SAMPLES_PER_SIDE, SAMPLE_BUDGET // (2 * len(latest))))
     parts = []
     for name, (k, rows, folder) in sorted(latest.items()):
@@ -404,7 +373,7 @@ def _sample_section(iterations: list[_Iteration]) -> str:
             if group:
                 cards = "".join(_sample_card(row, folder, notes) for row in group)
                 parts.append(f'<p><b>{title}</b></p><div class="row">{cards}</div>')
-    return _section("Samples", notes_html(notes) + "".join(parts))
+    return section_html("Samples", notes_html(notes) + "".join(parts))
 
 
 def _sample_card(row: dict[str, Any], folder: Path, notes: list[str]) -> str:
@@ -419,9 +388,9 @@ def _sample_card(row: dict[str, Any], folder: Path, notes: list[str]) -> str:
             else:
                 with_mask = outlined(image, folder / str(row["mask"]))
                 pictures += thumb_html(with_mask, f"{row['id']} with its mask outlined")
-        except _READ_ERRORS as error:
+        except READ_ERRORS as error:
             notes.append(warn_note(f"{row['id']}: mask unreadable ({read_reason(error)})"))
-    except _READ_ERRORS as error:
+    except READ_ERRORS as error:
         notes.append(warn_note(f"{row['id']}: image unreadable ({read_reason(error)})"))
         pictures = "<p>(image unreadable)</p>"
     words = [spec.get("defect_type", "?"), spec.get("shape", "?"), spec.get("tone", "?")]
@@ -438,163 +407,6 @@ def _sample_card(row: dict[str, Any], folder: Path, notes: list[str]) -> str:
 
 
 # evaluation --------------------------------------------------------------------------------------------
-def _evaluation_section(run_dir: Path) -> str:
-    path = run_dir / "metrics.json"
-    if not path.is_file():
-        return _section("Evaluation", note_html(f"no evaluation yet: run `kka-synth eval {run_dir}`"))
-    notes: list[str] = []
-    metrics = _read_json(path, notes)
-    if not isinstance(metrics, dict) or not isinstance(metrics.get("categories"), dict):
-        if metrics is not None:
-            notes.append(warn_note("metrics.json has no 'categories' mapping"))
-        return _section("Evaluation", notes_html(notes))
-    seeds = metrics.get("seeds") or [0]
-    parts = [
-        f"<p>dataset {html.escape(str(metrics.get('dataset', '?')))}, "
-        f"{fmt_cell(metrics.get('image_size'))} px, "
-        f"seeds {html.escape(', '.join(str(s) for s in seeds))}</p>"
-    ]
-    for category, detectors in metrics["categories"].items():
-        parts.append(f"<h3>{html.escape(str(category))}</h3>")
-        if not isinstance(detectors, dict):
-            notes.append(warn_note(f"metrics.json: category {category} is not a mapping"))
-            continue
-        parts.append(_metrics_table(detectors))
-        notes_at = len(parts)
-        results = {}
-        for detector, variants in detectors.items():
-            for variant in variants if isinstance(variants, dict) else {}:
-                result_path = (
-                    run_dir / "eval" / category / detector / variant / f"seed{seeds[0]}" / "result.json"
-                )
-                result = _read_json(result_path, notes)
-                if isinstance(result, dict):
-                    results[(detector, variant)] = (result, result_path.parent)
-        parts.insert(notes_at, _detector_notes(results))
-        parts.append(_roc_plots(category, results, notes))
-        parts.append(_overlays(results, notes))
-    return _section("Evaluation", "".join(parts) + notes_html(notes))
-
-
-def _metrics_table(detectors: dict[str, Any]) -> str:
-    rows: list[tuple[str, str, dict[str, Any]]] = [
-        (det, var, entry)
-        for det, variants in detectors.items()
-        if isinstance(variants, dict)
-        for var, entry in variants.items()
-        if isinstance(entry, dict)
-    ]
-    best = {}
-    for key, _ in METRICS:
-        means = [finite_number((entry.get("mean") or {}).get(key)) for _, _, entry in rows]
-        present = [m for m in means if m is not None]
-        best[key] = max(present) if present else None
-    head = ["detector", "variant", *(label for _, label in METRICS), "seeds", "train s"]
-    body = []
-    for detector, variant, entry in rows:
-        cells = [html.escape(detector), html.escape(variant)]
-        for key, _ in METRICS:
-            mean = finite_number((entry.get("mean") or {}).get(key))
-            std = finite_number((entry.get("std") or {}).get(key))
-            text = _metric_cell(mean, None if entry.get("n") == 1 else std)  # one seed has no spread
-            if mean is not None and best[key] is not None and math.isclose(mean, best[key], abs_tol=1e-12):
-                text = f"<b>{text}</b>"
-            cells.append(text)
-        cells += [fmt_cell(entry.get("n")), fmt_cell(entry.get("train_seconds"), 1)]
-        body.append(cells)
-    return table_html(head, body, left=2)
-
-
-def _detector_notes(results: dict[tuple[str, str], tuple[dict, Path]]) -> str:
-    """What detectors said about themselves in result.json ``notes`` (e.g. random backbone weights), once per
-    detector and note, naming the variants when a note holds for only some of them."""
-    variants: dict[str, list[str]] = {}
-    by_note: dict[tuple[str, str], list[str]] = {}
-    for (detector, variant), (result, _) in results.items():
-        variants.setdefault(detector, []).append(variant)
-        notes = result.get("notes")
-        for note in notes if isinstance(notes, list) else []:
-            by_note.setdefault((detector, str(note)), []).append(variant)
-    lines = []
-    for (detector, note), where in by_note.items():
-        scope = detector if len(where) == len(variants[detector]) else f"{detector} ({', '.join(where)})"
-        lines.append(f"{scope}: {note}")
-    return notes_html(lines)
-
-
-def _metric_cell(mean: float | None, std: float | None) -> str:
-    """``mean ± std`` with three decimals; the mean alone without a std; a dash without a mean."""
-    if mean is None:
-        return "–"
-    return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
-
-
-def _curve(result: dict[str, Any], name: str) -> tuple[list[float], list[float]] | None:
-    curve = (result.get("curves") or {}).get(name)
-    if not isinstance(curve, dict):
-        return None
-    fpr, tpr = curve.get("fpr"), curve.get("tpr")
-    if not isinstance(fpr, list) or not isinstance(tpr, list) or len(fpr) != len(tpr) or len(fpr) < 2:
-        raise ValueError(f"{name} needs fpr and tpr lists of one length (at least 2)")
-    if any(finite_number(v) is None or not 0.0 <= v <= 1.0 for v in fpr + tpr):
-        raise ValueError(f"{name} holds values that are no rates in [0, 1]")
-    return fpr, tpr
-
-
-def _roc_plots(category: str, results: dict[tuple[str, str], tuple[dict, Path]], notes: list[str]) -> str:
-    images = []
-    for detector in dict.fromkeys(det for det, _ in results):
-        curves: dict[str, list[tuple[str, list[float], list[float]]]] = {"image_roc": [], "pixel_roc": []}
-        for (det, variant), (result, folder) in results.items():
-            if det != detector:
-                continue
-            for name in curves:
-                try:
-                    points = _curve(result, name)
-                except ValueError as error:
-                    notes.append(warn_note(f"{run_relative(folder)}: {error}"))
-                    continue
-                if points is not None:
-                    curves[name].append((variant, *points))
-        panels = [(name, lines) for name, lines in curves.items() if lines]
-        if not panels:
-            continue
-        figure = new_figure(3.6 * len(panels), 3.2)
-        for index, (name, lines) in enumerate(panels, start=1):
-            axes = figure.add_subplot(1, len(panels), index)
-            for variant, fpr, tpr in lines:
-                axes.plot(fpr, tpr, linewidth=1.4, label=variant)
-            axes.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
-            level = name.split("_")[0]
-            axes.set(
-                title=f"{detector}: {level} ROC", xlabel="false positive rate", ylabel="true positive rate"
-            )
-            axes.set(xlim=(0, 1), ylim=(0, 1.01))
-            axes.title.set_fontsize(9)
-            axes.legend(fontsize=7, loc="lower right")
-        images.append(img_html(figure_uri(figure), f"{category} {detector} ROC curves"))
-    return f'<div class="row">{"".join(images)}</div>' if images else ""
-
-
-def _overlays(results: dict[tuple[str, str], tuple[dict, Path]], notes: list[str]) -> str:
-    if not results:
-        return ""
-    per_result = max(1, OVERLAY_BUDGET // len(results))
-    cards = []
-    for (detector, variant), (result, folder) in results.items():
-        overlays = result.get("overlays") or []
-        for entry in overlays[:per_result]:
-            try:
-                image = load_thumbnail(folder / str(entry["file"]))
-            except _READ_ERRORS as error:
-                notes.append(warn_note(f"{run_relative(folder)}: overlay unreadable ({read_reason(error)})"))
-                continue
-            label = "anomalous" if entry.get("label") == 1 else "good" if entry.get("label") == 0 else "?"
-            score = fmt_cell(entry.get("score"), 3)
-            caption = f"{detector} / {variant}: {entry.get('image', '?')} ({label}), score {score}"
-            picture = thumb_html(image, caption)
-            cards.append(f'<div class="cap">{picture}<br>{html.escape(caption)}</div>')
-    return f"<h4>Anomaly maps</h4><div class='row'>{''.join(cards)}</div>" if cards else ""
 
 
 __all__ = ["REPORT", "write_report"]

@@ -392,7 +392,7 @@ def test_malformed_pieces_cost_only_their_section(tmp_path: Path, caplog: pytest
 
 
 def test_one_seed_shows_the_mean_without_a_spread():
-    from kka_synth.eval.report import _metrics_table
+    from kka_synth.eval.report_eval import _metrics_table
 
     one = {"mean": {"image_auroc": 0.8}, "std": {"image_auroc": 0.0}, "n": 1, "train_seconds": 3.0}
     three = {"mean": {"image_auroc": 0.7}, "std": {"image_auroc": 0.05}, "n": 3, "train_seconds": 3.0}
