@@ -71,6 +71,7 @@ from kka_synth.detectors.aecsad.segment import SEG_LAYERS, SegmentationHead
 from kka_synth.detectors.aecsad.train import segmentation_steps, train_lgst, train_segmentation
 from kka_synth.detectors.aecsad.wrn import WideResNet, load_torchvision_weights
 from kka_synth.detectors.inputs import check_images, resize_rgb
+from kka_synth.detectors.saved import read_saved, write_saved
 from kka_synth.types import DetectorOutput, SyntheticStage
 
 __all__ = ["AecsadConfig", "AecsadDetector"]
@@ -358,12 +359,12 @@ class AecsadDetector:
             "notes": self.notes,
             "teacher_checksum": self.teacher_checksum,
         }
-        persist.write(Path(path), meta, tensors)
+        write_saved(Path(path), meta, tensors)
 
     @classmethod
     def load(cls, path: Path) -> AecsadDetector:
         """Read a folder written by :meth:`save`; the result predicts exactly as the saved detector did."""
-        meta, tensors = persist.read(Path(path), cls.name)
+        meta, tensors = read_saved(Path(path), cls.name, "AeCSAD")
         detector = cls(AecsadConfig(**meta["config"]))
         wrn_state = persist.under("wrn", tensors)
         detector.wrn = detector._build_teacher(random=detector.config.save_teacher)

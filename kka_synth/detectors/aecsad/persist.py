@@ -1,4 +1,4 @@
-"""Writing and reading a fitted AeCSAD detector: ``config.json`` plus ``model.safetensors`` in one folder.
+"""What a fitted AeCSAD detector stores (written by :mod:`kka_synth.detectors.saved`), and its teacher check.
 
 The detector (Amjad, MSc thesis, Ontario Tech University, 2025; after CSAD, Hsieh and Lai, BMVC 2024) holds
 trained modules (segmentation decoder, teacher projection, students) and fitted numbers (patch-histogram
@@ -10,17 +10,13 @@ asked for: its weights are rebuilt from the seed or reloaded from ``teacher_weig
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
+from kka_synth.detectors.saved import WEIGHTS_FILE
 
 
 def teacher_checksum(wrn: nn.Module) -> float:
@@ -56,32 +52,6 @@ def under(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     """The tensors saved under ``prefix.``, with the prefix removed."""
     start = len(prefix) + 1
     return {key[start:]: value for key, value in tensors.items() if key.startswith(prefix + ".")}
-
-
-def write(path: Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    """Write both files into folder ``path``, each to a temporary name first and then renamed."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    weights_tmp = path / (WEIGHTS_FILE + ".tmp")
-    save_file(tensors, str(weights_tmp))
-    weights_tmp.replace(path / WEIGHTS_FILE)
-    config_tmp = path / (CONFIG_FILE + ".tmp")
-    config_tmp.write_text(json.dumps(meta, indent=2))
-    config_tmp.replace(path / CONFIG_FILE)
-
-
-def read(path: Path, detector: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(meta, tensors) of a folder written by :func:`write` for ``detector``; clear errors otherwise."""
-    path = Path(path)
-    if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
-        raise FileNotFoundError(f"no AeCSAD detector at {path} (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
-    try:
-        meta = json.loads((path / CONFIG_FILE).read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path / CONFIG_FILE} is not valid JSON: {error.msg}") from None
-    if not isinstance(meta, dict) or meta.get("detector") != detector:
-        raise ValueError(f"{path / CONFIG_FILE} does not describe a saved AeCSAD detector")
-    return meta, load_file(str(path / WEIGHTS_FILE))
 
 
 def restore_teacher(wrn: nn.Module, state: dict[str, torch.Tensor], checksum: float, where: Path) -> None:

@@ -16,7 +16,6 @@ The networks live in :mod:`.model`, the losses and the loop in :mod:`.train`.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,20 +23,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 
 from kka_synth.detectors.draem.model import DraemModel
 from kka_synth.detectors.draem.train import STRIDE, DraemConfig, ssim_map, train_draem
 from kka_synth.detectors.inputs import check_images, check_mask, check_rgb, resize_mask, resize_rgb
+from kka_synth.detectors.saved import CONFIG_FILE, read_saved, write_saved
 from kka_synth.types import DetectorOutput, SyntheticStage
 
 __all__ = ["DraemConfig", "DraemDetector", "DraemModel"]
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 MODES = ("draem", "none")
 """``draem``: trained on synthetic anomalies, scored by segmentation; ``none``: reconstruction error only."""
 
@@ -238,38 +235,24 @@ class DraemDetector:
         """
         if self.model is None or self.size is None:
             raise RuntimeError("DraemDetector.save called before fit or load")
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        tensors = {key: value.detach().cpu().contiguous() for key, value in self.model.state_dict().items()}
-        weights_tmp = path / (WEIGHTS_FILE + ".tmp")
-        save_file(tensors, str(weights_tmp))
-        weights_tmp.replace(path / WEIGHTS_FILE)
         meta = {
             "detector": self.name,
             "mode": self.mode,
             "size": list(self.size),
             "config": self.config.to_dict(),
         }
-        config_tmp = path / (CONFIG_FILE + ".tmp")
-        config_tmp.write_text(json.dumps(meta, indent=2))
-        config_tmp.replace(path / CONFIG_FILE)
+        write_saved(path, meta, self.model.state_dict())
 
     @classmethod
     def load(cls, path: Path) -> DraemDetector:
         """Read a folder written by :meth:`save`; the result predicts exactly as the saved detector did."""
-        path = Path(path)
-        if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
-            raise FileNotFoundError(f"no DRAEM detector at {path} (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
-        try:
-            meta = json.loads((path / CONFIG_FILE).read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path / CONFIG_FILE} is not valid JSON: {error.msg}") from None
-        if not isinstance(meta, dict) or meta.get("detector") != cls.name or meta.get("mode") not in MODES:
-            raise ValueError(f"{path / CONFIG_FILE} does not describe a saved DRAEM detector")
+        meta, tensors = read_saved(path, cls.name, "DRAEM")
+        if meta.get("mode") not in MODES:
+            raise ValueError(f"{Path(path) / CONFIG_FILE} does not describe a saved DRAEM detector")
         detector = cls(DraemConfig(**meta["config"]))
         with torch.random.fork_rng(devices=[]):
             model = DraemModel(detector.config.recon_width, detector.config.disc_width)
-        model.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
+        model.load_state_dict(tensors)
         detector.model = model.to(detector.config.device).eval()
         detector.mode = meta["mode"]
         detector.size = (int(meta["size"][0]), int(meta["size"][1]))

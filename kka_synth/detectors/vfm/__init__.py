@@ -21,7 +21,6 @@ Papers: see :mod:`.model` (DINOv2, registers, LoRA, Mahalanobis, Ledoit-Wolf, k-
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -29,10 +28,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 
 from kka_synth.detectors.inputs import check_images, check_rgb, resize_mask, resize_rgb
+from kka_synth.detectors.saved import read_saved, write_saved
 from kka_synth.detectors.vfm.model import (
     AnomalyHead,
     Backbone,
@@ -49,8 +48,6 @@ __all__ = ["HEAD_SCALE_FLOOR", "VfmConfig", "VfmDetector"]
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "weights.safetensors"
 HEAD_SCALE_FLOOR = 0.1
 """Smallest normal-patch spread (in probability) the head's score is divided by."""
 
@@ -310,21 +307,15 @@ class VfmDetector:
 
     # ---------------------------------------------------------------------------------------- save/load
     def save(self, path: Path) -> None:
-        """Write ``config.json`` and ``weights.safetensors`` (LoRA adapter, head, statistics; not the
+        """Write ``config.json`` and ``model.safetensors`` (LoRA adapter, head, statistics; not the
         backbone, which :meth:`load` rebuilds from ``config.model`` or the seed) into folder ``path``."""
         if self.backbone is None or self.size is None or self.distance is None:
             raise RuntimeError("VfmDetector.save called before fit or load")
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         tensors = {f"lora.{k}": v for k, v in self.backbone.adapter_state().items()}
         if self.head is not None:
             tensors.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
         tensors.update({f"distance.{k}": v for k, v in self.distance.tensors.items()})
         tensors["scales"] = self.scales
-        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        weights_tmp = path / (WEIGHTS_FILE + ".tmp")
-        save_file(tensors, str(weights_tmp))
-        weights_tmp.replace(path / WEIGHTS_FILE)
         meta = {
             "detector": self.name,
             "size": list(self.size),
@@ -335,25 +326,15 @@ class VfmDetector:
             "notes": self.notes,
             "config": self.config.to_dict(),
         }
-        config_tmp = path / (CONFIG_FILE + ".tmp")
-        config_tmp.write_text(json.dumps(meta, indent=2))
-        config_tmp.replace(path / CONFIG_FILE)
+        write_saved(path, meta, tensors)
 
     @classmethod
     def load(cls, path: Path) -> VfmDetector:
         """Read a folder written by :meth:`save`; the backbone comes from ``config.model`` (or the seed)."""
-        path = Path(path)
-        if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
-            raise FileNotFoundError(f"no VFM detector at {path} (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
-        try:
-            meta = json.loads((path / CONFIG_FILE).read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path / CONFIG_FILE} is not valid JSON: {error.msg}") from None
-        if not isinstance(meta, dict) or meta.get("detector") != cls.name or "config" not in meta:
-            raise ValueError(f"{path / CONFIG_FILE} does not describe a saved VFM detector")
+        meta, tensors = read_saved(path, cls.name, "VFM")
         detector = cls(VfmConfig(**meta["config"]))
         config = detector.config
-        tensors = load_file(str(path / WEIGHTS_FILE), device=config.device)
+        tensors = {key: value.to(config.device) for key, value in tensors.items()}
         backbone = detector._build_backbone()
         if meta["lora"]:
             backbone.add_lora(

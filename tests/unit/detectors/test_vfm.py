@@ -186,8 +186,8 @@ def test_planted_square_peaks_inside(
 
 def test_save_load_round_trip(fitted: VfmDetector, tmp_path: Path) -> None:
     fitted.save(tmp_path / "vfm")
-    assert sorted(p.name for p in (tmp_path / "vfm").iterdir()) == ["config.json", "weights.safetensors"]
-    stored = load_file(str(tmp_path / "vfm" / "weights.safetensors"))
+    assert sorted(p.name for p in (tmp_path / "vfm").iterdir()) == ["config.json", "model.safetensors"]
+    stored = load_file(str(tmp_path / "vfm" / "model.safetensors"))
     assert {key.split(".")[0] for key in stored} == {"lora", "head", "distance", "scales"}  # no backbone
     assert not any("base_layer" in key or "embeddings" in key for key in stored)
     loaded = VfmDetector.load(tmp_path / "vfm")
@@ -352,6 +352,6 @@ def test_load_rejects_a_foreign_folder(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no VFM detector"):
         VfmDetector.load(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"detector": "draem"}))
-    (tmp_path / "weights.safetensors").write_bytes(b"")
+    (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match="does not describe"):
         VfmDetector.load(tmp_path)
