@@ -12,7 +12,7 @@ MVTec LOCO AD (logical 97.56, structural 92.54), against CSAD's 94.64. Its parts
 - :mod:`.lgst`: the local-global student-teacher (structural anomalies; the anomaly maps);
 - :mod:`.fusion`: trimmed z-normalisation of the scores on a held-out normal split;
 - :mod:`.train`: the two training loops;
-- :mod:`.config` (settings and profiles), :mod:`.data` (image checks), :mod:`.persist` (save and load).
+- :mod:`.config` (settings and profiles), :mod:`.data` (images to tensors), :mod:`.persist` (what is saved).
 
 **Synthetic anomalies.** AeCSAD trains on normal images only, as the thesis does, so ``fit`` never trains
 on ``synthetic``: with the same seed, ``fit(normal)`` and ``fit(normal, synthetic)`` give the same networks,
