@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
+from kka_synth.types import SyntheticStage
+
 
 def check_rgb(image: object, name: str) -> np.ndarray:
     """``image`` itself when it is a non-empty RGB uint8 (H, W, 3) array; otherwise ValueError naming it."""
@@ -53,3 +55,38 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if mask.shape == size:
         return mask
     return cv2.resize(mask.astype(np.uint8), size[::-1], interpolation=cv2.INTER_NEAREST).astype(bool)
+
+
+def prepare_stages(synthetic: object, size: tuple[int, int]) -> tuple[list[SyntheticStage], dict[str, int]]:
+    """Check a synthetic schedule and resize its fixed anomalies (image, mask, clean) to ``size``.
+
+    Anomalies without a mask (text-to-image renders) are left out and counted: the second value maps each
+    stage's name to how many were left out, for the detector to log and note. Raises ValueError naming the
+    stage and entry for anything malformed, and when the stages' shares sum above 1.
+    """
+    if not isinstance(synthetic, Sequence) or not synthetic:
+        raise ValueError("synthetic must be None or a non-empty list of SyntheticStage")
+    prepared, skipped = [], {}
+    for index, stage in enumerate(synthetic):
+        if not isinstance(stage, SyntheticStage):
+            raise ValueError(f"synthetic[{index}] must be a SyntheticStage, got {type(stage).__name__}")
+        anomalies = []
+        for number, entry in enumerate(stage.anomalies):
+            where = f"stage {stage.name!r} anomaly {number}"
+            if not isinstance(entry, tuple) or len(entry) != 3:
+                raise ValueError(f"{where} must be a tuple (image, mask, clean or None)")
+            image = check_rgb(entry[0], f"{where} image")
+            if entry[1] is None:
+                skipped[stage.name] = skipped.get(stage.name, 0) + 1
+                continue
+            mask = check_mask(entry[1], image.shape[:2], f"{where} mask")
+            clean = None if entry[2] is None else check_rgb(entry[2], f"{where} clean image")
+            if clean is not None and clean.shape != image.shape:
+                raise ValueError(f"{where}: clean image shape {clean.shape} differs from {image.shape}")
+            resized_clean = None if clean is None else resize_rgb(clean, size)
+            anomalies.append((resize_rgb(image, size), resize_mask(mask, size), resized_clean))
+        prepared.append(SyntheticStage(stage.name, anomalies=anomalies, draw=stage.draw, share=stage.share))
+    total = sum(stage.share for stage in prepared)
+    if total > 1.0 + 1e-6:
+        raise ValueError(f"synthetic stage shares sum to {total:.3f}, more than 1")
+    return prepared, skipped

@@ -17,7 +17,7 @@ The networks live in :mod:`.model`, the losses and the loop in :mod:`.train`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from kka_synth.detectors.draem.model import DraemModel
 from kka_synth.detectors.draem.train import STRIDE, DraemConfig, ssim_map, train_draem
-from kka_synth.detectors.inputs import check_images, check_mask, check_rgb, resize_mask, resize_rgb
+from kka_synth.detectors.inputs import check_images, prepare_stages, resize_rgb
 from kka_synth.detectors.saved import CONFIG_FILE, read_saved, write_saved
 from kka_synth.types import DetectorOutput, SyntheticStage
 
@@ -104,52 +104,19 @@ class DraemDetector:
         """The stages with their fixed anomalies checked and resized to the working size."""
         if synthetic is None:
             return None
-        if not isinstance(synthetic, Sequence) or not synthetic:
-            raise ValueError("synthetic must be None or a non-empty list of SyntheticStage")
-        prepared = []
-        for index, stage in enumerate(synthetic):
-            if not isinstance(stage, SyntheticStage):
-                raise ValueError(f"synthetic[{index}] must be a SyntheticStage, got {type(stage).__name__}")
-            anomalies = []
-            maskless = 0
-            for number, entry in enumerate(stage.anomalies):
-                where = f"stage {stage.name!r} anomaly {number}"
-                if not isinstance(entry, tuple) or len(entry) != 3:
-                    raise ValueError(f"{where} must be a tuple (image, mask, clean or None)")
-                if entry[1] is None:
-                    # DRAEM learns to segment: an anomaly without a mask (text-to-image) gives no target
-                    maskless += 1
-                    continue
-                image = check_rgb(entry[0], f"{where} image")
-                mask = check_mask(entry[1], image.shape[:2], f"{where} mask")
-                clean = None if entry[2] is None else check_rgb(entry[2], f"{where} clean image")
-                if clean is not None and clean.shape != image.shape:
-                    raise ValueError(f"{where}: clean image shape {clean.shape} differs from {image.shape}")
-                anomalies.append(
-                    (
-                        resize_rgb(image, size),
-                        resize_mask(mask, size),
-                        None if clean is None else resize_rgb(clean, size),
-                    )
-                )
-            if maskless:
+        prepared, skipped = prepare_stages(synthetic, size)
+        for stage in prepared:
+            if skipped.get(stage.name):
+                # DRAEM learns to segment: an anomaly without a mask (text-to-image) gives no target
                 logger.warning(
-                    "stage %r: skipped %d of %d anomalies without a mask (DRAEM needs pixel targets)",
+                    "stage %r: skipped %d anomalies without a mask (DRAEM needs pixel targets)",
                     stage.name,
-                    maskless,
-                    len(stage.anomalies),
+                    skipped[stage.name],
                 )
-                if not anomalies and stage.draw is None:
+                if not stage.anomalies and stage.draw is None:
                     raise ValueError(
                         f"stage {stage.name!r} has no anomaly with a mask; DRAEM needs pixel targets"
                     )
-            prepared.append(
-                SyntheticStage(stage.name, anomalies=anomalies, draw=stage.draw, share=stage.share)
-            )
-        if sum(stage.share for stage in prepared) > 1.0 + 1e-6:
-            raise ValueError(
-                f"synthetic stage shares sum to {sum(s.share for s in prepared):.3f}, more than 1"
-            )
         return prepared
 
     def fit(self, normal: list[np.ndarray], synthetic: list[SyntheticStage] | None = None) -> None:

@@ -22,7 +22,7 @@ Papers: see :mod:`.model` (DINOv2, registers, LoRA, Mahalanobis, Ledoit-Wolf, k-
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from kka_synth.detectors.inputs import check_images, check_rgb, resize_mask, resize_rgb
+from kka_synth.detectors.inputs import check_images, prepare_stages, resize_rgb
 from kka_synth.detectors.saved import read_saved, write_saved
 from kka_synth.detectors.vfm.model import (
     AnomalyHead,
@@ -118,44 +118,21 @@ class VfmDetector:
     # ---------------------------------------------------------------------------------------------- fit
     def _prepare_stages(self, synthetic: object, size: tuple[int, int]) -> list[SyntheticStage]:
         """The stages with fixed anomalies checked and resized; entries without a mask are left out."""
-        if not isinstance(synthetic, Sequence) or not synthetic:
-            raise ValueError("synthetic must be None or a non-empty list of SyntheticStage")
-        prepared = []
-        for index, stage in enumerate(synthetic):
-            if not isinstance(stage, SyntheticStage):
-                raise ValueError(f"synthetic[{index}] must be a SyntheticStage, got {type(stage).__name__}")
-            anomalies, skipped = [], 0
-            for number, entry in enumerate(stage.anomalies):
-                where = f"stage {stage.name!r} anomaly {number}"
-                if not isinstance(entry, tuple) or len(entry) != 3:
-                    raise ValueError(f"{where} must be a tuple (image, mask, clean or None)")
-                image = check_rgb(entry[0], f"{where} image")
-                if entry[1] is None:
-                    skipped += 1
+        prepared, skipped = prepare_stages(synthetic, size)
+        kept = []
+        for stage in prepared:
+            count = skipped.get(stage.name, 0)
+            if count:
+                logger.warning("vfm: stage %s: %d anomalies without a mask skipped", stage.name, count)
+                self.notes.append(f"stage {stage.name}: {count} anomalies without a mask were skipped")
+                self.skipped_unmasked += count
+                if not stage.anomalies and stage.draw is None:
+                    self.notes.append(
+                        f"stage {stage.name}: no anomaly has a mask; its steps were not trained"
+                    )
                     continue
-                mask = entry[1]
-                if (
-                    not isinstance(mask, np.ndarray)
-                    or mask.dtype != np.bool_
-                    or mask.shape != image.shape[:2]
-                ):
-                    raise ValueError(f"{where} mask must be a bool array of shape {image.shape[:2]}")
-                anomalies.append((resize_rgb(image, size), resize_mask(mask, size), None))
-            if skipped:
-                logger.warning("vfm: stage %s: %d anomalies without a mask skipped", stage.name, skipped)
-                self.notes.append(f"stage {stage.name}: {skipped} anomalies without a mask were skipped")
-                self.skipped_unmasked += skipped
-            if stage.anomalies and not anomalies and stage.draw is None:
-                self.notes.append(f"stage {stage.name}: no anomaly has a mask; its steps were not trained")
-                continue
-            prepared.append(
-                SyntheticStage(stage.name, anomalies=anomalies, draw=stage.draw, share=stage.share)
-            )
-        if sum(stage.share for stage in synthetic) > 1.0 + 1e-6:
-            raise ValueError(
-                f"synthetic stage shares sum to {sum(s.share for s in synthetic):.3f}, more than 1"
-            )
-        return prepared
+            kept.append(stage)
+        return kept
 
     def fit(self, normal: list[np.ndarray], synthetic: list[SyntheticStage] | None = None) -> None:
         """Train LoRA and the head on normal images mixed with synthetic anomalies (stage by stage, each for
