@@ -39,6 +39,7 @@ from kka_synth.config import DiffusionConfig
 from kka_synth.synth.base import RenderError, RenderOutput
 from kka_synth.synth.procedural import ProceduralRenderer
 from kka_synth.types import DefectSpec
+from kka_synth.utils.devices import resolve_device, resolve_dtype
 from kka_synth.utils.hub import ModelLoadError, load_pretrained
 from kka_synth.utils.imports import require
 
@@ -80,30 +81,6 @@ PLACE_SIDE = 128
 are set for 128 pixels and scaled by side / 128), so a larger image is placed on a downscaled copy and the
 mask scaled back: the same shape at a fraction of the cost (placing a scratch directly on a 512-pixel image
 takes about 0.7 s on one CPU thread, on its 128-pixel copy a few ms)."""
-
-
-def resolve_device(name: str) -> torch.device:
-    """The torch device ``name`` ("auto", "cpu", "cuda", "cuda:N", "mps") asks for; ValueError if absent."""
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available; use device auto or cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("device 'mps' asked for, but MPS is not available; use device auto or cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The torch dtype ``name`` means on ``device``: auto is float16 on cuda, else float32; no cpu float16."""
-    import torch
-
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if name == "float16" and device.type == "cpu":
-        raise ValueError("dtype float16 is not supported on cpu; use dtype auto, float32 or bfloat16")
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
 @contextlib.contextmanager

@@ -133,7 +133,7 @@ class LightGlueBand(MatchBand):
         self.noise_sigma, self.jitter = float(noise_sigma), float(jitter)
         self.shift, self.rotation = float(shift), float(rotation)
         self.max_pairs, self.batch_size = int(max_pairs), int(batch_size)
-        from kka_synth.synth.diffusion import resolve_device
+        from kka_synth.utils.devices import resolve_device
 
         self.model_name, self.device_name = model, device
         self.device = resolve_device(device)

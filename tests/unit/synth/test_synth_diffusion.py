@@ -26,11 +26,10 @@ from kka_synth.synth.diffusion import (  # noqa: E402
     feathered_alpha,
     grow_to_latent_grid,
     resize_mask,
-    resolve_device,
-    resolve_dtype,
     working_size,
 )
 from kka_synth.types import DefectSpec  # noqa: E402
+from kka_synth.utils.devices import resolve_device, resolve_dtype
 from kka_synth.utils.hub import ModelLoadError  # noqa: E402
 
 THRESHOLD = 12.0
