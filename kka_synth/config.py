@@ -62,25 +62,79 @@ class DataConfig:
         check_config(0.05 <= self.holdout <= 0.5, f"data.holdout must be in [0.05, 0.5], got {self.holdout}")
 
 
+PROPOSER_BACKENDS = ("compact", "transformers", "vllm", "openai")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
 @dataclass
 class ProposerConfig:
-    backend: str = help_field("Proposer backend: compact (offline) or transformers (hub).", default="compact")
+    backend: str = help_field(
+        "Proposer backend: compact (offline LM), transformers (any causal LM), vllm (the vllm extra) or "
+        "openai (any OpenAI-compatible endpoint: OpenAI, a vLLM server, Ollama).",
+        default="compact",
+    )
     model: str | None = help_field(
-        "Hub id or local path of the model; None builds the compact LM.", default=None
+        "Hub id or local path of the model (the model name for openai); None builds the compact LM.",
+        default=None,
     )
     temperature: float = help_field("Sampling temperature.", default=1.0)
     top_p: float = help_field("Nucleus sampling mass.", default=1.0)
     max_new_tokens: int = help_field("Longest completion in tokens.", default=64)
     batch_size: int = help_field("Completions sampled per generate call.", default=64)
-    constrained: bool = help_field("Constrain sampling to the spec's JSON grammar.", default=True)
+    constrained: bool = help_field(
+        "Constrain decoding to the spec: the spec grammar (compact), JSON-schema guided decoding (vllm), "
+        "structured output (openai). transformers samples freely and relies on parsing and retries.",
+        default=True,
+    )
     pretrain_steps: int = help_field(
         "Pretraining steps of the compact LM on the knowledge corpus.", default=300
+    )
+    max_retries: int = help_field(
+        "LLM backends: times a failed reply is asked again, with the parser's error fed back.", default=2
+    )
+    examples: int = help_field(
+        "LLM backends: earlier hard specs of this run shown as few-shot examples.", default=4
+    )
+    device: str = help_field(
+        "transformers: auto (cuda when available), cpu, cuda, cuda:N or mps.", default="auto"
+    )
+    dtype: str = help_field(
+        "transformers and vllm: auto (bfloat16 on cuda, float32 on cpu), float32, float16 or bfloat16.",
+        default="auto",
+    )
+    base_url: str | None = help_field(
+        "openai: base URL of the endpoint, e.g. http://localhost:8000/v1; None is OpenAI's.", default=None
+    )
+    api_key_env: str = help_field(
+        "openai: environment variable that holds the API key (the key itself is never stored).",
+        default="OPENAI_API_KEY",
+    )
+    timeout: float = help_field("openai: seconds per request.", default=60.0)
+    concurrency: int = help_field("openai: requests in flight at once.", default=8)
+    tensor_parallel_size: int = help_field("vllm: GPUs the model is split over.", default=1)
+    gpu_memory_utilization: float = help_field(
+        "vllm: share of GPU memory vLLM may take (DPO needs the rest).", default=0.5
+    )
+    max_lora_rank: int = help_field("vllm: largest LoRA rank it serves (>= alignment.lora.r).", default=64)
+    caption: bool = help_field(
+        "LLM backends: describe a normal image of each category with a vision-language model and put the "
+        "caption in the prompt.",
+        default=False,
+    )
+    caption_model: str = help_field(
+        "Hub id or local path of the image-text-to-text model that writes the caption.",
+        default="HuggingFaceTB/SmolVLM-256M-Instruct",
     )
 
     def __post_init__(self) -> None:
         check_config(
-            self.backend in ("compact", "transformers"),
-            f"proposer.backend must be compact or transformers, got {self.backend!r}",
+            self.backend in PROPOSER_BACKENDS,
+            f"proposer.backend must be one of {', '.join(PROPOSER_BACKENDS)}, got {self.backend!r}",
+        )
+        check_config(
+            self.backend == "compact" or bool(self.model),
+            f"proposer.model is required for backend {self.backend!r} (a hub id, local path or model name)",
         )
         check_config(
             0.0 < self.temperature <= 5.0, f"proposer.temperature must be in (0, 5], got {self.temperature}"
@@ -89,11 +143,32 @@ class ProposerConfig:
         check_config(self.max_new_tokens > 0, "proposer.max_new_tokens must be positive")
         check_config(self.batch_size > 0, "proposer.batch_size must be positive")
         check_config(self.pretrain_steps >= 0, "proposer.pretrain_steps must be >= 0")
+        check_config(
+            0 <= self.max_retries <= 10, f"proposer.max_retries must be in [0, 10], got {self.max_retries}"
+        )
+        check_config(0 <= self.examples <= 32, f"proposer.examples must be in [0, 32], got {self.examples}")
+        check_config(
+            self.device in DEVICES or self.device.startswith("cuda:"),
+            f"proposer.device must be one of {', '.join(DEVICES)} or cuda:N, got {self.device!r}",
+        )
+        check_config(
+            self.dtype in DTYPES, f"proposer.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}"
+        )
+        check_config(
+            self.base_url is None or self.base_url.startswith(("http://", "https://")),
+            f"proposer.base_url must start with http:// or https://, got {self.base_url!r}",
+        )
+        check_config(self.timeout > 0, "proposer.timeout must be positive")
+        check_config(self.concurrency >= 1, "proposer.concurrency must be >= 1")
+        check_config(self.tensor_parallel_size >= 1, "proposer.tensor_parallel_size must be >= 1")
+        check_config(
+            0.05 <= self.gpu_memory_utilization <= 0.95,
+            f"proposer.gpu_memory_utilization must be in [0.05, 0.95], got {self.gpu_memory_utilization}",
+        )
+        check_config(self.max_lora_rank >= 1, "proposer.max_lora_rank must be >= 1")
 
 
 RENDERER_NAMES = ("procedural", "perlin", "inpaint", "edit", "text2img")
-DEVICES = ("auto", "cpu", "cuda", "mps")
-DTYPES = ("auto", "float32", "float16", "bfloat16")
 SCHEDULERS = ("ddim", "ddpm", "pndm", "lms", "euler", "euler_ancestral", "dpm_solver", "unipc")
 OFFLOAD = ("none", "model", "sequential")
 
@@ -312,8 +387,16 @@ class AlignmentConfig:
     max_pairs: int = help_field("Cap on preference pairs per round.", default=128)
     dpo: dict[str, Any] = help_field("Keyword arguments for trl.DPOConfig.", default_factory=_default_dpo)
     lora: dict[str, Any] = help_field("Keyword arguments for peft.LoraConfig.", default_factory=_default_lora)
+    processes: int = help_field(
+        "0 trains DPO in the run's own process; N >= 1 runs it in N workers with `accelerate launch` (one "
+        "per GPU; TRL shards the batches).",
+        default=0,
+    )
 
     def __post_init__(self) -> None:
+        check_config(
+            0 <= self.processes <= 1024, f"alignment.processes must be in [0, 1024], got {self.processes}"
+        )
         check_config(self.pairs_per_prompt > 0, "alignment.pairs_per_prompt must be positive")
         check_config(self.max_pairs > 0, "alignment.max_pairs must be positive")
 
@@ -371,6 +454,9 @@ class RunConfig:
         "Curation: add = union of hard sets, rep = the latest hard set (KKA).", default="add"
     )
     seed: int = help_field("Seed of every random choice in the run.", default=0)
+    prompts: str | None = help_field(
+        "Prompt set saved by `kka-synth chat` (constraints and approved examples per category).", default=None
+    )
     data: DataConfig = field(default_factory=DataConfig)
     proposer: ProposerConfig = field(default_factory=ProposerConfig)
     render: RenderConfig = field(default_factory=RenderConfig)
@@ -465,6 +551,24 @@ def profile_defaults(profile: str) -> dict[str, Any]:
                 "backend": "transformers",
                 "model": "Qwen/Qwen2.5-1.5B-Instruct",
                 "constrained": False,
+                "max_new_tokens": 256,
+                "batch_size": 16,
+                "temperature": 0.9,
+            },
+            # LoRA on the LLM's attention and MLP projections, at a learning rate for billion-sized models
+            "alignment": {
+                "dpo": {"learning_rate": 5e-5, "per_device_train_batch_size": 4, "num_train_epochs": 2},
+                "lora": {
+                    "target_modules": [
+                        "q_proj",
+                        "k_proj",
+                        "v_proj",
+                        "o_proj",
+                        "gate_proj",
+                        "up_proj",
+                        "down_proj",
+                    ]
+                },
             },
             "render": {"renderers": ["inpaint"]},
             "filters": {"matcher": "lightglue"},

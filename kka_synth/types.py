@@ -201,6 +201,14 @@ class Proposal:
     spec: DefectSpec | None = None
     error: str | None = None
     """The :class:`SpecError` reason code when the text did not parse."""
+    retries: list[str] = field(default_factory=list)
+    """Reason codes of earlier replies to the same request that failed and were asked again (chat backends
+    feed the parser's error back); ``text`` is the last reply."""
+
+    @property
+    def attempts(self) -> int:
+        """Replies it took: 1 plus the retries."""
+        return 1 + len(self.retries)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -208,6 +216,7 @@ class Proposal:
             "text": self.text,
             "spec": None if self.spec is None else self.spec.to_dict(),
             "error": self.error,
+            "retries": list(self.retries),
         }
 
     @classmethod
@@ -218,6 +227,7 @@ class Proposal:
             text=data["text"],
             spec=None if spec is None else DefectSpec.from_dict(spec),
             error=data.get("error"),
+            retries=list(data.get("retries") or []),
         )
 
 

@@ -2,28 +2,41 @@
 
 from __future__ import annotations
 
-from kka_synth.agents.base import ProposalContext, Proposer, parse_completion
+import importlib
+
+from kka_synth.agents.base import ProposalContext, Proposer, TrainableProposer, parse_completion
 from kka_synth.agents.compact import AdapterError, CompactProposer
+from kka_synth.agents.constraints import ConstraintError, Constraints, PromptSet
 from kka_synth.agents.pretrain import CompactLMConfig
 from kka_synth.config import ConfigError, ProposerConfig
 
-PROPOSERS: dict[str, type] = {"compact": CompactProposer}
-"""Backend name (``proposer.backend``) to proposer class."""
+PROPOSERS: dict[str, str] = {
+    "compact": "kka_synth.agents.compact:CompactProposer",
+    "transformers": "kka_synth.agents.hf:TransformersProposer",
+    "vllm": "kka_synth.agents.vllm:VLLMProposer",
+    "openai": "kka_synth.agents.openai:OpenAIProposer",
+}
+"""Backend name (``proposer.backend``) to its class, imported on first use (vllm and langchain are extras)."""
+
+
+def proposer_class(backend: str) -> type:
+    """The class of ``backend``; an unknown name is a :class:`ConfigError`."""
+    if backend not in PROPOSERS:
+        raise ConfigError(f"unknown proposer backend {backend!r} (known: {', '.join(PROPOSERS)})")
+    module, name = PROPOSERS[backend].split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def build_proposer(config: ProposerConfig, seed: int) -> Proposer:
-    """The proposer ``config.backend`` names; ``config.model`` (a saved folder) skips pretraining."""
-    if config.backend == "transformers":
-        raise ConfigError(
-            "proposer backend 'transformers' is not available yet (the transformers, vLLM and "
-            "OpenAI-compatible backends arrive with their own work); use --profile offline, which runs the "
-            "compact proposer now"
-        )
-    if config.backend not in PROPOSERS:
-        raise ConfigError(f"unknown proposer backend {config.backend!r} (known: {', '.join(PROPOSERS)})")
-    if config.model is not None:
-        return PROPOSERS[config.backend].from_pretrained(config.model, config)
-    return PROPOSERS[config.backend](config, seed)
+    """The proposer ``config.backend`` names.
+
+    For ``compact``, ``config.model`` (a saved folder) skips pretraining; the other backends load
+    ``config.model`` (a hub id, a local path, or the endpoint's model name).
+    """
+    cls = proposer_class(config.backend)
+    if config.backend == "compact" and config.model is not None:
+        return cls.from_pretrained(config.model, config)
+    return cls(config, seed)
 
 
 __all__ = [
@@ -31,8 +44,13 @@ __all__ = [
     "AdapterError",
     "CompactLMConfig",
     "CompactProposer",
+    "ConstraintError",
+    "Constraints",
+    "PromptSet",
     "ProposalContext",
     "Proposer",
+    "TrainableProposer",
     "build_proposer",
     "parse_completion",
+    "proposer_class",
 ]

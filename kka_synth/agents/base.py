@@ -9,10 +9,16 @@ keep the raw text (what DPO trains on) and the parse result, so failed texts are
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
+from kka_synth.agents.constraints import Constraints
+from kka_synth.agents.parsing import parse_reply
 from kka_synth.prompts.knowledge import CategoryKnowledge, load_knowledge
-from kka_synth.types import DefectSpec, Proposal, SpecError
+from kka_synth.types import Proposal
+
+_NOT_JSON_REASONS = ("empty", "truncated", "refusal")
+"""Finer reason codes of the lenient parser that :func:`parse_completion` reports as ``not_json``."""
 
 
 @dataclass
@@ -23,8 +29,10 @@ class ProposalContext:
     knowledge: CategoryKnowledge
     examples: list[str] = field(default_factory=list)
     """Earlier hard spec texts, shown as few-shot hints by chat backends."""
-    constraints: list[str] = field(default_factory=list)
-    """Extra instructions for chat backends (for example "avoid the rim")."""
+    constraints: Constraints = field(default_factory=Constraints)
+    """The user's constraints: prompt lines for chat backends, a hard check on every backend's specs."""
+    caption: str | None = None
+    """A vision-language model's caption of a normal image of the category (chat backends only)."""
 
     @classmethod
     def for_category(cls, category: str, dataset: str | None = None) -> ProposalContext:
@@ -41,16 +49,38 @@ class Proposer(Protocol):
         ...
 
 
+@runtime_checkable
+class TrainableProposer(Proposer, Protocol):
+    """A proposer DPO can train (``trainable = True``).
+
+    The loop asks :meth:`training_model` for the plain causal LM to train and the adapter to continue from,
+    runs :func:`kka_synth.alignment.dpo.train_dpo`, then hands the saved adapter to :meth:`apply_adapter`.
+    On a resumed run every finished iteration's adapter is handed over again, in order.
+    """
+
+    trainable: bool
+    tokenizer: Any
+
+    def training_model(self) -> tuple[Any, Path | None]:
+        """The plain (not LoRA-wrapped) model DPO trains, and the adapter to continue (None: a fresh one)."""
+        ...
+
+    def apply_adapter(self, path: str | Path) -> None:
+        """Sample with the adapter saved at ``path`` from now on."""
+        ...
+
+
 def parse_completion(text: str, context: ProposalContext, prompt: str = "") -> Proposal:
     """Parse one completion into a :class:`Proposal`; a failure keeps the text and the reason code.
 
-    The defect type must be one of the category's known types, so a type borrowed from another category fails
-    with reason ``unknown_type``. Numbers or nesting too large for Python's JSON reader count as ``not_json``.
+    Parsing is lenient (code fences, prose around the JSON, trailing commas and the other repairs of
+    :mod:`kka_synth.agents.parsing`), and validation is strict: the defect type must be one of the
+    category's known types, so a type borrowed from another category fails with reason ``unknown_type``.
+    Numbers or nesting too large for Python's JSON reader count as ``not_json``, and so do the finer codes
+    ``empty``, ``truncated`` and ``refusal`` of :func:`~kka_synth.agents.parsing.parse_reply`, so the
+    reason codes counted in iteration stats stay those of :class:`~kka_synth.types.SpecError`.
     """
-    try:
-        spec = DefectSpec.from_text(text, context.category, defect_types=list(context.knowledge.defect_types))
-    except SpecError as error:
-        return Proposal(prompt=prompt, text=text, spec=None, error=error.reason)
-    except (ValueError, OverflowError, RecursionError):
-        return Proposal(prompt=prompt, text=text, spec=None, error="not_json")
-    return Proposal(prompt=prompt, text=text, spec=spec, error=None)
+    proposal, _ = parse_reply(text, context, prompt=prompt)
+    if proposal.error in _NOT_JSON_REASONS:
+        proposal.error = "not_json"
+    return proposal

@@ -10,6 +10,7 @@ constrained to the spec grammar. DPO aligns it by training a LoRA adapter on :at
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -25,6 +26,7 @@ from transformers import (
 )
 
 from kka_synth.agents.base import ProposalContext, parse_completion
+from kka_synth.agents.constraints import ConstraintError, Constraints
 from kka_synth.agents.corpus import SpecVocabulary, compact_prompt
 from kka_synth.agents.grammar import SpecGrammar, SpecGrammarProcessor
 from kka_synth.agents.pretrain import SETTINGS_FILE, CompactLMConfig, load_or_pretrain
@@ -75,7 +77,7 @@ class CompactProposer:
         self.tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
         self.tokenizer.padding_side = "left"
         self.vocabulary = SpecVocabulary.from_knowledge(all_knowledge(self.knowledge_files))
-        self._grammars: dict[int, SpecGrammar] = {}
+        self._grammars: dict[tuple[int, str], SpecGrammar] = {}
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config: ProposerConfig | None = None) -> CompactProposer:
@@ -108,27 +110,35 @@ class CompactProposer:
             return compact_prompt(context.knowledge, GENERIC)
         return compact_prompt(context.knowledge, context.category)
 
-    def grammar(self) -> SpecGrammar:
-        """The spec grammar, with the description cap shrunk to fit ``config.max_new_tokens``."""
-        full = self._grammars.get(self.max_description_words)
+    def grammar(self, constraints: Constraints | None = None) -> SpecGrammar:
+        """The spec grammar, with the description cap shrunk to fit ``config.max_new_tokens``.
+
+        With ``constraints`` the value lists shrink to what they allow (see :func:`narrow_vocabulary`), so
+        every sampled spec obeys them; notes, which no grammar can read, are ignored.
+        """
+        vocabulary, key = self.vocabulary, ""
+        if constraints is not None and not constraints.empty:
+            vocabulary = narrow_vocabulary(self.vocabulary, constraints)
+            key = json.dumps({k: v for k, v in constraints.to_dict().items() if k != "notes"}, sort_keys=True)
+        full = self._grammars.get((self.max_description_words, key))
         if full is None:
             full = SpecGrammar(
-                self.tokenizer, self.vocabulary, self.max_description_words, self.model.config.vocab_size
+                self.tokenizer, vocabulary, self.max_description_words, self.model.config.vocab_size
             )
-            self._grammars[self.max_description_words] = full
+            self._grammars[(self.max_description_words, key)] = full
         words = full.words_within(self.config.max_new_tokens)
-        if words not in self._grammars:
+        if (words, key) not in self._grammars:
             logger.info("description cap lowered to %d words to fit max_new_tokens", words)
-            self._grammars[words] = SpecGrammar(
-                self.tokenizer, self.vocabulary, words, self.model.config.vocab_size
+            self._grammars[(words, key)] = SpecGrammar(
+                self.tokenizer, vocabulary, words, self.model.config.vocab_size
             )
-        return self._grammars[words]
+        return self._grammars[(words, key)]
 
-    def _processors(self, prompt_length: int) -> LogitsProcessorList:
+    def _processors(self, prompt_length: int, constraints: Constraints | None = None) -> LogitsProcessorList:
         # The grammar masks first, so temperature and top-p only reshape the allowed tokens.
         processors = LogitsProcessorList()
         if self.config.constrained:
-            processors.append(SpecGrammarProcessor(self.grammar(), prompt_length))
+            processors.append(SpecGrammarProcessor(self.grammar(constraints), prompt_length))
         if self.config.temperature != 1.0:
             processors.append(TemperatureLogitsWarper(self.config.temperature))
         if self.config.top_p < 1.0:
@@ -144,8 +154,8 @@ class CompactProposer:
         """
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        if context.examples or context.constraints:
-            logger.debug("the compact proposer ignores few-shot examples and constraints")
+        if context.examples or context.constraints.notes:
+            logger.debug("the compact proposer ignores few-shot examples and free-text notes")
         prompt = self.prompt_for(context)
         generation = GenerationConfig(
             do_sample=True,
@@ -164,13 +174,22 @@ class CompactProposer:
                 batch = self.tokenizer([prompt] * size, return_tensors="pt", padding=True).to(device)
                 length = batch["input_ids"].shape[1]
                 output = self.model.generate(
-                    **batch, generation_config=generation, logits_processor=self._processors(length)
+                    **batch,
+                    generation_config=generation,
+                    logits_processor=self._processors(length, context.constraints),
                 )  # (size, length + new tokens)
                 texts += self.tokenizer.batch_decode(output[:, length:], skip_special_tokens=True)
         proposals = [parse_completion(text, context, prompt=prompt) for text in texts]
         valid = sum(p.spec is not None for p in proposals)
         logger.debug("%s: %d of %d proposals parsed", context.category, valid, n)
         return proposals
+
+    trainable = True
+    """DPO trains it (see :class:`kka_synth.agents.base.TrainableProposer`)."""
+
+    def training_model(self) -> tuple[LlamaForCausalLM, None]:
+        """The model DPO trains, earlier adapters merged in, so each round starts a fresh adapter."""
+        return self.model, None
 
     def apply_adapter(self, path: str | Path) -> None:
         """Load a PEFT LoRA adapter saved with ``save_pretrained`` onto :attr:`model` and merge it.
@@ -191,6 +210,39 @@ class CompactProposer:
         merged = PeftModel.from_pretrained(self.model, str(path)).merge_and_unload()
         self.model = merged.eval()
         logger.info("merged LoRA adapter %s into the compact proposer", path)
+
+
+def narrow_vocabulary(vocabulary: SpecVocabulary, constraints: Constraints) -> SpecVocabulary:
+    """``vocabulary`` with the types, regions, shapes, tones, sizes and severities ``constraints`` allow.
+
+    Raises :class:`~kka_synth.agents.constraints.ConstraintError` when a field has no value left.
+    """
+    types = tuple(
+        t
+        for t in vocabulary.defect_types
+        if t not in constraints.exclude_types and (not constraints.only_types or t in constraints.only_types)
+    )
+
+    def within(values: tuple[str, ...], low: float | None, high: float | None) -> tuple[str, ...]:
+        return tuple(
+            v for v in values if (low is None or float(v) >= low) and (high is None or float(v) <= high)
+        )
+
+    narrowed = dataclasses.replace(
+        vocabulary,
+        defect_types=types,
+        regions=constraints.narrow_values("region", vocabulary.regions),
+        shapes=constraints.narrow_values("shape", vocabulary.shapes),
+        tones=constraints.narrow_values("tone", vocabulary.tones),
+        sizes=within(vocabulary.sizes, constraints.size_min, constraints.size_max),
+        severities=within(vocabulary.severities, constraints.severity_min, constraints.severity_max),
+    )
+    for name in ("defect_types", "regions", "shapes", "tones", "sizes", "severities"):
+        if not getattr(narrowed, name):
+            raise ConstraintError(
+                f"the constraints leave no {name.replace('_', ' ')[:-1]} the compact proposer knows"
+            )
+    return narrowed
 
 
 def _read_settings(model_dir: Path, lm: CompactLMConfig) -> dict:

@@ -119,11 +119,15 @@ def knowledge_lines(knowledge: CategoryKnowledge) -> str:
 
 
 def chat_messages(
-    knowledge: CategoryKnowledge, examples: list[str] | None = None, constraints: list[str] | None = None
+    knowledge: CategoryKnowledge,
+    examples: list[str] | None = None,
+    constraints: list[str] | None = None,
+    caption: str | None = None,
 ) -> list[dict[str, str]]:
     """System and user messages asking an instruct LLM for one spec of ``knowledge.name``.
 
-    ``examples`` are earlier spec texts shown as few-shot hints; ``constraints`` are extra instructions.
+    ``examples`` are earlier spec texts shown as few-shot hints; ``constraints`` are extra instructions;
+    ``caption`` describes a normal image of the category (from a vision-language model).
     """
     examples_block = (
         "\n" + render_prompt("chat_examples", examples="\n".join(f"  {text.strip()}" for text in examples))
@@ -138,6 +142,11 @@ def chat_messages(
         if constraints
         else ""
     )
+    caption_block = (
+        "\n" + render_prompt("chat_caption", category=knowledge.name, caption=caption.strip())
+        if caption
+        else ""
+    )
     system = render_prompt("chat_system", schema=schema_text(), example=example_reply(knowledge))
     user = render_prompt(
         "chat_user",
@@ -145,7 +154,7 @@ def chat_messages(
         kind=knowledge.kind,
         components=", ".join(knowledge.components),
         knowledge=knowledge_lines(knowledge),
-        examples=examples_block,
+        examples=caption_block + examples_block,
         constraints=constraints_block,
     )
     return [{"role": "system", "content": system.rstrip()}, {"role": "user", "content": user.rstrip()}]

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -9,14 +11,18 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaForCausalLM
 
 from kka_synth.agents import (
-    PROPOSERS,
     AdapterError,
     CompactProposer,
+    ConstraintError,
+    Constraints,
     ProposalContext,
     Proposer,
+    TrainableProposer,
     build_proposer,
+    proposer_class,
 )
 from kka_synth.agents import pretrain as pretrain_module
+from kka_synth.agents.compact import narrow_vocabulary
 from kka_synth.agents.grammar import GrammarError
 from kka_synth.config import ConfigError, ProposerConfig
 from kka_synth.types import REGIONS, SHAPES, SPEC_FIELDS, TONES
@@ -32,7 +38,11 @@ def _logits(model: LlamaForCausalLM, proposer: CompactProposer) -> torch.Tensor:
 
 
 def test_is_a_registered_proposer(tiny_proposer: CompactProposer) -> None:
-    assert PROPOSERS["compact"] is CompactProposer and isinstance(tiny_proposer, Proposer)
+    assert proposer_class("compact") is CompactProposer and isinstance(tiny_proposer, Proposer)
+    assert isinstance(tiny_proposer, TrainableProposer) and tiny_proposer.training_model() == (
+        tiny_proposer.model,
+        None,
+    )
     assert isinstance(tiny_proposer.model, LlamaForCausalLM)
     assert sum(p.numel() for p in tiny_proposer.model.parameters()) < 1_000_000
 
@@ -185,8 +195,10 @@ def test_apply_adapter_errors(tiny_proposer: CompactProposer, tmp_path, make_con
 
 
 def test_build_proposer_backends(tiny_proposer: CompactProposer) -> None:
-    with pytest.raises(ConfigError, match="--profile offline"):
+    with pytest.raises(ConfigError, match="proposer.model is required for backend 'transformers'"):
         build_proposer(ProposerConfig(backend="transformers"), seed=0)
+    with pytest.raises(ConfigError, match="unknown proposer backend 'gpt'"):
+        proposer_class("gpt")
     untrained = build_proposer(ProposerConfig(pretrain_steps=0), seed=0)  # the default architecture
     assert isinstance(untrained, CompactProposer) and untrained.path.parent.parent.name == "proposers"
     assert untrained.knowledge_files == ("mvtec_ad", "mvtec_loco", "visa", "demo", "generic")
@@ -201,3 +213,21 @@ def test_a_category_without_knowledge_is_asked_as_the_generic_category(tiny_prop
     assert "scratch" in context.knowledge.defect_types  # the generic list, which the prompt was trained on
     known = tiny_proposer.prompt_for(ProposalContext.for_category("washer", "demo"))
     assert "washer" in known
+
+
+def test_constraints_narrow_the_grammar(
+    tiny_proposer: CompactProposer, washer: ProposalContext, make_config
+) -> None:
+    """Constraints reach the compact proposer through its grammar: every spec obeys them by construction."""
+    tiny_proposer.config = make_config(temperature=1.5)
+    free = tiny_proposer.propose(washer, 48, seed=3)
+    types = Counter(p.spec.defect_type for p in free if p.spec is not None)
+    banned = types.most_common(1)[0][0]
+    rules = Constraints(exclude_types=[banned], regions=["top-left"], size_max=0.02, severity_max=0.3)
+    constrained = tiny_proposer.propose(dataclasses.replace(washer, constraints=rules), 48, seed=3)
+    specs = [p.spec for p in constrained if p.spec is not None]
+    assert specs and all(rules.violation(spec) is None for spec in specs)
+    assert all(s.defect_type != banned and s.size <= 0.02 and s.severity <= 0.3 for s in specs)
+    assert all(s.region_name() == "top-left" for s in specs)
+    with pytest.raises(ConstraintError, match="leave no size"):
+        narrow_vocabulary(tiny_proposer.vocabulary, Constraints(size_min=0.3, size_max=0.31))
