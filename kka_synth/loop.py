@@ -9,6 +9,11 @@ arXiv 2502.14880, with the render filters of arXiv 2512.23227)::
     align     preference pairs per prompt, DPO with a LoRA adapter     -> pairs.jsonl, adapters/<k>/
     stats     counts, hard share, diversity, seconds per stage         -> stats.json
 
+A prompt set saved by `kka-synth chat` (``RunConfig.prompts``) is copied into the run directory: its
+constraints go into every proposal request (prompt lines, and a hard check on what comes back) and its
+approved specs join the run's earlier hard specs as few-shot examples. A proposer that cannot be trained (an
+OpenAI-compatible endpoint) skips the align stage with a note in the stats.
+
 Before the first iteration, ``prepare`` calibrates the match-count band per category and fits a fixed judge
 (a Deep SAD trained once on normals and rule-based Perlin anomalies, never refit): the refit evaluator moves
 with the data it sees, so the hard share is also reported under the judge, whose goalposts stay put.
@@ -33,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from kka_synth.agents import ProposalContext, build_proposer
+from kka_synth.agents import PromptSet, ProposalContext, build_proposer
 from kka_synth.alignment.hardness import JudgeEvaluator, cross_fit_hardness
 from kka_synth.alignment.pairs import build_pairs
 from kka_synth.config import RunConfig
@@ -45,6 +50,7 @@ from kka_synth.runs import (
     RunDir,
     atomic_dir,
     atomic_write_json,
+    atomic_write_text,
     read_candidates,
     read_jsonl,
     write_candidates,
@@ -82,6 +88,7 @@ class CategoryData:
     knowledge: Any
     band: MatchBand | None = None
     judge: JudgeEvaluator | None = None
+    caption: str | None = None
 
 
 class KKALoop:
@@ -93,6 +100,7 @@ class KKALoop:
         self.progress = progress or _silent
         self.categories: dict[str, CategoryData] = {}
         self.proposer: Any = None
+        self.prompt_set = PromptSet()
         self._built_renderers: dict[str, Any] | None = None
 
     # helpers -----------------------------------------------------------------------------------------
@@ -140,7 +148,9 @@ class KKALoop:
             )
             self.progress(f"loading {name}", len(good), len(good))
             self.categories[name] = data
+        self.prompt_set = self._load_prompt_set()
         self.proposer = build_proposer(cfg.proposer, seed=cfg.seed)
+        self._captions()
         for k in range(1, cfg.iterations + 1):
             if (
                 self.run.stage_done(f"{k}/align")
@@ -163,6 +173,49 @@ class KKALoop:
         self._prepare_judges()
         if not self.run.stage_done("prepare"):
             self.run.mark_done("prepare", time.perf_counter() - started, categories=names)
+
+    def _load_prompt_set(self) -> PromptSet:
+        """The run's prompt set: copied into the run directory on first use, so a resumed run keeps it."""
+        stored = self.run.path / "prompts.yaml"
+        if stored.is_file():
+            return PromptSet.load(stored)
+        if self.config.prompts is None:
+            return PromptSet()
+        prompt_set = PromptSet.load(self.config.prompts)
+        if prompt_set.dataset not in (None, self.config.data.dataset):
+            logger.warning(
+                "prompt set %s was made for dataset %s, this run uses %s",
+                self.config.prompts,
+                prompt_set.dataset,
+                self.config.data.dataset,
+            )
+        for name in self.categories:
+            prompt_set.for_category(name).narrow(self.categories[name].knowledge)  # fails now, not later
+        atomic_write_text(stored, Path(self.config.prompts).read_text())
+        return prompt_set
+
+    def _captions(self) -> None:
+        """A vision-language caption of one normal image per category, when ``proposer.caption`` asks."""
+        cfg = self.config.proposer
+        if not cfg.caption:
+            return
+        if cfg.backend == "compact":
+            logger.warning("proposer.caption is ignored by the compact proposer, which reads no prompt text")
+            return
+        path = self.run.path / "captions.json"
+        captions = json.loads(path.read_text()) if path.is_file() else {}
+        missing = [name for name in self.categories if name not in captions]
+        if missing:
+            from kka_synth.agents.caption import Captioner
+
+            captioner = Captioner(cfg.caption_model, device=cfg.device)
+            for name in missing:
+                self.progress(f"captioning {name}", 0, 1)
+                captions[name] = captioner.caption(self.categories[name].fit[0], name)
+                self.progress(f"captioning {name}", 1, 1)
+            atomic_write_json(path, captions)
+        for name, data in self.categories.items():
+            data.caption = captions[name]
 
     def _prepare_judges(self) -> None:
         perlin = RENDERERS["perlin"]()
@@ -214,7 +267,12 @@ class KKALoop:
         examples = self._hard_examples(k)
         for index, (name, data) in enumerate(self.categories.items()):
             context = ProposalContext(
-                category=name, knowledge=data.knowledge, examples=examples.get(name, [])
+                category=name,
+                knowledge=data.knowledge,
+                # the user's approved examples last, so a backend that shows only the latest few keeps them
+                examples=examples.get(name, []) + self.prompt_set.examples.get(name, []),
+                constraints=self.prompt_set.for_category(name),
+                caption=data.caption,
             )
             self.progress(f"iteration {k}: proposing ({name})", 0, 1)
             proposals = self.proposer.propose(
@@ -384,25 +442,53 @@ class KKALoop:
             if self.config.alignment.enabled:
                 logger.warning("iteration %d: no preference pairs, so no DPO round", k)
             return info
+        if not getattr(self.proposer, "trainable", False):
+            note = f"proposer backend {self.config.proposer.backend!r} is not trainable; DPO round skipped"
+            logger.warning("iteration %d: %s", k, note)
+            info["note"] = note
+            return info
         from kka_synth.alignment.dpo import train_dpo
 
         self.progress(f"iteration {k}: DPO", 0, 1)
+        processes = self.config.alignment.processes
         with atomic_dir(self.run.adapter_dir(k)) as tmp:
-            result = train_dpo(
-                self.proposer.model,
-                self.proposer.tokenizer,
-                pairs,
-                self.config.alignment,
-                tmp,
-                seed=self._seed(k, "align"),
-            )
-        self.proposer.model = result.model
+            if processes:
+                import torch
+
+                from kka_synth.alignment.launch import run_workers
+
+                result = run_workers(
+                    self.run.path,
+                    k,
+                    tmp,
+                    self._seed(k, "align"),
+                    processes,
+                    cpu=not torch.cuda.is_available(),
+                )
+            else:
+                model, start = self.proposer.training_model()
+                trained = train_dpo(
+                    model,
+                    self.proposer.tokenizer,
+                    pairs,
+                    self.config.alignment,
+                    tmp,
+                    seed=self._seed(k, "align"),
+                    start_adapter=start,
+                )
+                result = {
+                    key: getattr(trained, key)
+                    for key in ("steps", "train_loss", "margin_before", "margin_after")
+                }
+        self.proposer.apply_adapter(self.run.adapter_dir(k))
         self.progress(f"iteration {k}: DPO", 1, 1)
+        losses = result["train_loss"]
         info.update(
-            steps=result.steps,
-            margin_before=result.margin_before,
-            margin_after=result.margin_after,
-            loss=float(np.mean(result.train_loss)) if len(result.train_loss) else None,
+            steps=result["steps"],
+            margin_before=result["margin_before"],
+            margin_after=result["margin_after"],
+            loss=float(np.mean(losses)) if len(losses) else None,
+            processes=processes or 1,
         )
         return info
 
@@ -414,6 +500,8 @@ class KKALoop:
         hard = [r for r in kept if r["label"] == "hard"]
         reasons = Counter(r["reason"] for r in rows if r["label"] == "rejected")
         align = self.run.manifest["stages"].get(f"{k}/align", {})
+        retried = [row.get("retries") or [] for row in read_jsonl(folder / "proposals.jsonl")]
+        retried = [reasons for reasons in retried if reasons]
         per_category = {}
         for name in self.categories:
             ck = [r for r in kept if r["category"] == name]
@@ -430,6 +518,11 @@ class KKALoop:
             "render_failures": sum(v for r, v in reasons.items() if r.startswith("render:")),
             "filtered": sum(v for r, v in reasons.items() if r.startswith("filter:")),
             "rejections": dict(sorted(reasons.items())),
+            # LLM backends ask a failed reply again with the parser's error: how often, why, and how many
+            # of those replies parsed in the end
+            "parse_retries": sum(len(r) for r in retried),
+            "retried": len(retried),
+            "retry_reasons": dict(sorted(Counter(reason for r in retried for reason in r).items())),
             "kept": len(kept),
             "hard": len(hard),
             "hard_share": _share(kept, "label"),
@@ -449,7 +542,8 @@ class KKALoop:
             "renderers": dict(Counter(r["renderer"] for r in rows if r["renderer"])),
             "masks_absent": sum(r["image"] is not None and r["mask"] is None for r in rows),
             "dpo": {
-                key: align.get(key) for key in ("pairs", "steps", "margin_before", "margin_after", "loss")
+                key: align.get(key)
+                for key in ("pairs", "steps", "margin_before", "margin_after", "loss", "note")
             },
             "seconds": {stage: round(seconds.get(stage, 0.0), 3) for stage in STAGES},
         }

@@ -7,9 +7,15 @@ al., NeurIPS 2023) to prefer completions that led to hard anomalies. Training ru
 separate reference model is kept. ``AlignmentConfig.dpo`` and ``AlignmentConfig.lora`` are passed to
 ``trl.DPOConfig`` and ``peft.LoraConfig`` unchanged, on top of the settings a CPU run needs.
 
-After training the adapter is saved, then merged into the base model (``merge_and_unload``), so the next
-round starts from a plain model and trains a new adapter (TRL refuses a LoRA-wrapped model plus a new LoRA
-config).
+After training the adapter is saved and the LoRA layers are taken out of the model again without merging
+(``unload``), so the caller decides how the adapter is used: the compact proposer merges it into its weights,
+the transformers and vLLM proposers keep the base model and serve the adapter. The adapter of iteration k is
+the start of iteration k+1, as in KKA: either merged into the weights DPO starts from (``start_adapter``
+None, a fresh adapter on top), or loaded trainable and trained further (``start_adapter`` set, so every
+adapter is a whole delta from the base model that vLLM can serve on its own). The frozen weights under the
+adapter are the reference policy either way.
+
+TRL's trainer runs under ``accelerate launch`` unchanged, so DPO on several GPUs is the same call.
 """
 
 from __future__ import annotations
@@ -51,9 +57,9 @@ class DPOResult:
     margin_before: float
     """Mean over pairs of log pi(chosen | prompt) - log pi(rejected | prompt) before training."""
     margin_after: float
-    """The same margin after training, measured on the merged model."""
+    """The same margin after training, measured with the adapter."""
     model: PreTrainedModel = field(repr=False)
-    """The base model with the adapter merged in (the same object that was passed in, changed in place)."""
+    """The model that was passed in, with the LoRA layers taken out again (its weights are unchanged)."""
 
 
 class _LossRecorder(TrainerCallback):
@@ -180,11 +186,13 @@ def train_dpo(
     config: AlignmentConfig,
     output_dir: str | Path,
     seed: int,
+    start_adapter: str | Path | None = None,
 ) -> DPOResult:
-    """Train a fresh LoRA adapter on ``pairs`` with DPO, save it to ``output_dir``, merge it into ``model``.
+    """Train a LoRA adapter on ``pairs`` with DPO and save it to ``output_dir``.
 
-    ``model`` must be a plain (not LoRA-wrapped) causal LM; it is changed in place and returned as
-    ``DPOResult.model``.
+    ``model`` must be a plain (not LoRA-wrapped) causal LM. Without ``start_adapter`` a fresh adapter is
+    made from ``config.lora``; with it, that saved adapter is loaded trainable and trained further (its own
+    LoRA settings hold). ``model`` leaves with its weights unchanged and no LoRA layers.
     """
     if not pairs:
         raise ValueError("train_dpo needs at least one preference pair")
@@ -198,24 +206,33 @@ def train_dpo(
         len(_completion_ids(tokenizer, p.prompt, text)[0]) for p in pairs for text in (p.chosen, p.rejected)
     )
     dpo_config = build_dpo_config(config.dpo, output_dir, seed, max_length=longest)
-    margin_before = preference_margin(model, tokenizer, pairs)
+    if start_adapter is not None:
+        if not (Path(start_adapter) / "adapter_config.json").is_file():
+            raise ValueError(f"no LoRA adapter at {start_adapter} (adapter_config.json missing)")
+        trained: PreTrainedModel = PeftModel.from_pretrained(model, str(start_adapter), is_trainable=True)
+        peft_config = None
+    else:
+        trained, peft_config = model, lora_config
+    margin_before = preference_margin(trained, tokenizer, pairs)
     recorder = _LossRecorder()
     trainer = DPOTrainer(
-        model=model,
+        model=trained,
         args=dpo_config,
         train_dataset=Dataset.from_dict(pairs_to_columns(pairs)),
         processing_class=tokenizer,
-        peft_config=lora_config,
+        peft_config=peft_config,
         callbacks=[recorder],
     )
     trainer.remove_callback(PrinterCallback)
     trainer.train()
     peft_model = trainer.accelerator.unwrap_model(trainer.model)
     output_dir.mkdir(parents=True, exist_ok=True)
-    peft_model.save_pretrained(str(output_dir))
-    merged = peft_model.merge_and_unload()
-    merged.eval()
-    margin_after = preference_margin(merged, tokenizer, pairs)
+    if trainer.accelerator.is_main_process:
+        peft_model.save_pretrained(str(output_dir))
+    peft_model.eval()
+    margin_after = preference_margin(peft_model, tokenizer, pairs)
+    base = peft_model.unload()
+    base.eval()
     steps = int(trainer.state.global_step)
     logger.info(
         "dpo: %d pairs, %d steps, margin %.3f -> %.3f, adapter in %s",
@@ -225,4 +242,4 @@ def train_dpo(
         margin_after,
         output_dir,
     )
-    return DPOResult(output_dir, steps, recorder.losses, margin_before, margin_after, merged)
+    return DPOResult(output_dir, steps, recorder.losses, margin_before, margin_after, base)

@@ -265,7 +265,7 @@ def _hard_share_section(iterations: list[_Iteration]) -> str:
     if axes.get_lines():
         axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     head = [
-        "iteration", "proposals", "parse fail", "render fail", "filtered", "kept", "hard share",
+        "iteration", "proposals", "parse fail", "retries", "render fail", "filtered", "kept", "hard share",
         "judge share", "median hardness", "distinct specs", "DPO margin", "seconds",
     ]  # fmt: skip
     rows = []
@@ -278,17 +278,28 @@ def _hard_share_section(iterations: list[_Iteration]) -> str:
             or finite_number(dpo.get("margin_after")) is not None
         ):
             margin = f"{fmt_cell(dpo.get('margin_before'))} → {fmt_cell(dpo.get('margin_after'))}"
+        elif dpo.get("note"):
+            margin = "skipped"
         seconds = [finite_number(v) for v in (s.get("seconds") or {}).values()]
         total = sum(v for v in seconds if v is not None) if seconds else None
         rows.append(
             [str(it.k)]
             + [
                 fmt_cell(s.get(key))
-                for key in ("proposals", "parse_failures", "render_failures", "filtered", "kept")
+                for key in (
+                    "proposals",
+                    "parse_failures",
+                    "parse_retries",
+                    "render_failures",
+                    "filtered",
+                    "kept",
+                )
             ]
             + [fmt_cell(s.get(key)) for key in ("hard_share", "hard_share_judge", "median_hardness")]
             + [fmt_cell(s.get("distinct_specs")), margin, fmt_cell(total, 1)]
         )
+    skipped = [(it.stats.get("dpo") or {}).get("note") for it in done]
+    notes = [*notes, *dict.fromkeys(note for note in skipped if isinstance(note, str))]
     body = (
         notes_html(notes) + img_html(figure_uri(figure), "hard share per iteration") + table_html(head, rows)
     )

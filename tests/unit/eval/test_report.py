@@ -231,9 +231,10 @@ def test_header_and_iteration_table(full_report: str):
     assert "none yet" in page  # no curated set in the manifest
     rows = re.findall(r"<tr><td class=l>(\d)</td>(.*?)</tr>", page)
     cells = {k: re.findall(r"<td>(.*?)</td>", rest) for k, rest in rows}
-    # proposals, parse, render, filtered, kept, hard share, judge share, median, distinct, margin, seconds
-    assert cells["1"] == ["8", "2", "0", "0", "6", "0.33", "0.25", "-0.50", "4", "-0.50 → 0.25", "4.3"]
-    assert cells["2"][6] == "0.50" and cells["2"][8] == "5"
+    # proposals, parse, retries (none recorded), render, filtered, kept, hard share, judge share, median,
+    # distinct, margin, seconds
+    assert cells["1"] == ["8", "2", "–", "0", "0", "6", "0.33", "0.25", "-0.50", "4", "-0.50 → 0.25", "4.3"]
+    assert cells["2"][7] == "0.50" and cells["2"][9] == "5"
 
 
 def test_samples_show_hardest_and_easiest_with_spec(full_report: str):
