@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +17,7 @@ from kka_synth.config import (
     DATASETS,
     MODES,
     PROFILES,
+    PROPOSER_BACKENDS,
     RENDERER_NAMES,
     VARIANTS,
     ConfigError,
@@ -49,6 +52,19 @@ reused, so an interrupted evaluation continues where it stopped.
 examples:
   kka-synth eval runs/demo
   kka-synth eval runs/demo --variants rule,two-stage --seeds 3
+"""
+
+
+CHAT_HELP = """\
+Talk to the agent that writes defect specs: constrain them ("exclude stains", "only the top-left",
+"size < 2%"), ask for proposals and rendered previews ("show me three"), approve the good ones, save the set,
+which `kka-synth run --prompts FILE` then uses. LLM backends (openai, transformers) run a tool-calling agent;
+the offline compact proposer cannot converse, so a rule-based intent parser maps requests onto the same tools.
+
+examples:
+  kka-synth chat --prompt "exclude stains on bottle and show me three"
+  kka-synth chat --run runs/demo                    what the run found hardest, then refine
+  kka-synth chat --proposer openai --base-url http://localhost:8000/v1 --proposer-model MODEL
 """
 
 
@@ -100,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--matcher", choices=("sift", "lightglue"), help="Keypoint matcher of the match-count band."
     )
+    _proposer_flags(run)
+    run.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help="Prompt set saved by `kka-synth chat`: constraints and approved examples per category.",
+    )
     run.add_argument("--mode", choices=MODES, help="Curation: add = union of hard sets, rep = last hard set.")
     run.add_argument("--out", metavar="DIR", help="Folder for run directories (default: runs).")
     run.add_argument("--name", help="Run name, the folder under --out (default: the dataset name).")
@@ -108,6 +130,33 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="Continue OUT/NAME from its last finished stage.")
     run.add_argument("--config", metavar="run.yaml", help="A YAML file of RunConfig fields.")
     run.add_argument("--no-progress", action="store_true", help="No progress bars.")
+
+    chat = commands.add_parser(
+        "chat",
+        help="Talk to the agent: refine the defect prompt set, preview renders, save it for `run --prompts`.",
+        description=CHAT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    chat.add_argument(
+        "--run", metavar="RUN_DIR", help="A run directory: its settings, stats and hardest examples."
+    )
+    chat.add_argument("--prompt", metavar="TEXT", help="Say one thing, print the answer and exit (no REPL).")
+    chat.add_argument(
+        "--prompts",
+        metavar="FILE",
+        default="prompts.yaml",
+        help="Prompt set to load (when it exists) and save to (default: prompts.yaml).",
+    )
+    chat.add_argument(
+        "--preview-dir", metavar="DIR", help="Where previews go (default: RUN_DIR/previews or previews)."
+    )
+    chat.add_argument(
+        "--dataset", choices=DATASETS, help="Dataset layout when no --run is given (default: demo)."
+    )
+    chat.add_argument("--data-root", metavar="P", help="Folder that holds the dataset (not needed for demo).")
+    chat.add_argument("--profile", choices=PROFILES, help="offline (default) or hub, when no --run is given.")
+    chat.add_argument("--config", metavar="run.yaml", help="A YAML file of RunConfig fields.")
+    _proposer_flags(chat)
 
     evaluate = commands.add_parser(
         "eval",
@@ -133,6 +182,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--no-progress", action="store_true", help="No progress bars.")
     return parser
+
+
+def _proposer_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--proposer",
+        choices=PROPOSER_BACKENDS,
+        help="Proposer backend (default: compact offline, transformers on the hub profile).",
+    )
+    parser.add_argument(
+        "--proposer-model", metavar="ID", help="Hub id, local path or endpoint model name of the proposer."
+    )
+    parser.add_argument(
+        "--base-url", metavar="URL", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1."
+    )
 
 
 def _names(text: str) -> list[str]:
@@ -188,7 +251,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         section["dataset"] = args.dataset
     if args.data_root:
         section["root"] = args.data_root
-    if args.category:
+    if getattr(args, "category", None):
         section["categories"] = args.category
     if section:
         flags["data"] = section
@@ -200,16 +263,19 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         ("seed", "seed"),
         ("name", "name"),
     ):
-        if getattr(args, flag) is not None:
+        if getattr(args, flag, None) is not None:
             flags[key] = getattr(args, flag)
-    if args.no_dpo:
+    flags.update(_proposer_overrides(args))
+    if getattr(args, "prompts", None) is not None and args.command == "run":
+        flags["prompts"] = args.prompts
+    if getattr(args, "no_dpo", False):
         flags["alignment"] = {"enabled": False}
-    if args.renderer is not None:
+    if getattr(args, "renderer", None) is not None:
         flags["render"] = {"renderers": args.renderer[0], "weights": args.renderer[1]}
-    if args.matcher is not None:
+    if getattr(args, "matcher", None) is not None:
         flags["filters"] = {"matcher": args.matcher}
     data = _merge(data, flags)
-    if args.name is None and not args.config:
+    if getattr(args, "name", None) is None and not args.config:
         data["name"] = data.get("data", {}).get("dataset", "demo")
     return RunConfig.from_dict(data)
 
@@ -244,6 +310,7 @@ def _summary(stats: list[dict[str, Any]]) -> None:
         "iter",
         "proposals",
         "parse fail",
+        "retries",
         "render fail",
         "filtered",
         "kept",
@@ -271,6 +338,7 @@ def _summary(stats: list[dict[str, Any]]) -> None:
             str(s["iteration"]),
             str(s["proposals"]),
             str(s["parse_failures"]),
+            str(s.get("parse_retries", 0)),
             str(s["render_failures"]),
             str(s["filtered"]),
             str(s["kept"]),
@@ -289,11 +357,22 @@ def _summary(stats: list[dict[str, Any]]) -> None:
 
 
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
+    from kka_synth.agents.constraints import ConstraintError
+    from kka_synth.agents.llm import ProposerError
     from kka_synth.data import DataError
     from kka_synth.runs import RunError
     from kka_synth.utils.hub import ModelLoadError
 
-    return (ConfigError, DataError, RunError, ModelLoadError, ImportError, FileNotFoundError)
+    return (
+        ConfigError,
+        ConstraintError,
+        DataError,
+        RunError,
+        ModelLoadError,
+        ProposerError,
+        ImportError,
+        FileNotFoundError,
+    )
 
 
 def _quiet_libraries(verbose: int) -> None:
@@ -325,6 +404,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args)
         if args.command == "eval":
             return _eval(args)
+        if args.command == "chat":
+            return _chat(args)
     except _bad_input_errors() as error:
         print(f"kka-synth: error: {error}", file=sys.stderr)
         return 2
@@ -348,6 +429,57 @@ def _run(args: argparse.Namespace) -> int:
     print(f"run directory: {config.run_dir}")
     print(f"report: {report}")
     return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from kka_synth.agents.chat import ChatSession
+    from kka_synth.agents.chat_intent import IntentChat, repl
+    from kka_synth.runs import RunError
+
+    run_dir = Path(args.run) if args.run else None
+    if run_dir is not None:
+        manifest = run_dir / "manifest.json"
+        if not manifest.is_file():
+            raise RunError(f"not a run directory: {run_dir} (no manifest.json)")
+        data = _merge(json.loads(manifest.read_text())["config"], _proposer_overrides(args))
+        config = RunConfig.from_dict(data)
+    else:
+        config = config_from_args(args)
+    prompts = Path(args.prompts)
+    if run_dir is not None and not prompts.is_file() and (run_dir / "prompts.yaml").is_file():
+        shutil.copyfile(run_dir / "prompts.yaml", prompts)  # start from the prompt set the run used
+    preview_dir = Path(args.preview_dir) if args.preview_dir else (run_dir or Path(".")) / "previews"
+    session = ChatSession(config, run_dir=run_dir, prompts_path=prompts, preview_dir=preview_dir)
+    if config.proposer.backend == "compact":
+        responder: Any = IntentChat(session)
+    else:
+        from kka_synth.agents.chat_agent import AgentChat, chat_model_for
+
+        responder = AgentChat(chat_model_for(config.proposer), session)
+    if args.prompt is not None:
+        before = session.prompt_set.to_dict()
+        print(responder.respond(args.prompt))
+        if session.prompt_set.to_dict() != before and session.prompt_set.to_dict() != _saved(prompts):
+            print(session.save_prompts())  # one shot: what it changed would be lost otherwise
+        return 0
+    print(responder.greeting)
+    history = Path.home() / ".cache" / "kka-synth" / "chat_history"
+    return repl(responder, read=input, write=print, history=history)
+
+
+def _saved(path: Path) -> dict[str, Any] | None:
+    from kka_synth.agents import PromptSet
+
+    return PromptSet.load(path).to_dict() if path.is_file() else None
+
+
+def _proposer_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    proposer = {
+        key: getattr(args, flag)
+        for flag, key in (("proposer", "backend"), ("proposer_model", "model"), ("base_url", "base_url"))
+        if getattr(args, flag, None) is not None
+    }
+    return {"proposer": proposer} if proposer else {}
 
 
 def _eval(args: argparse.Namespace) -> int:

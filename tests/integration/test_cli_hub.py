@@ -108,3 +108,67 @@ def test_a_missing_pipeline_is_one_line_naming_the_offline_profile(tmp_path: Pat
     assert main(["run", "--profile", "hub", "--config", str(config), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "render.inpaint.model" in err[0] and "--profile offline" in err[0]
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_llm import save_tiny_chat_model, teach_specs
+
+    path = save_tiny_chat_model(tmp_path_factory.mktemp("models") / "chat")
+    return teach_specs(path, categories=("brick", "washer"))
+
+
+def test_hub_profile_with_the_transformers_proposer_and_dpo(tmp_path: Path, chat_model: Path):
+    """`run --profile hub` with an instruct LM through TransformersProposer: chat-template prompts, retries,
+    and two DPO rounds whose LoRA adapter (attention and MLP projections) continues from round to round."""
+    from peft import PeftConfig
+
+    from kka_synth.runs import read_jsonl
+
+    config = tmp_path / "llm.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "name": "llm",
+                "out": str(tmp_path / "runs"),
+                "iterations": 2,
+                "proposals_per_iteration": 16,
+                "data": {"dataset": "demo", "image_size": 64},
+                # no few-shot block: the tiny model was taught on requests without one
+                "proposer": {"model": str(chat_model), "max_new_tokens": 96, "max_retries": 1, "examples": 0},
+                "render": {"renderers": ["procedural"]},
+                "filters": {"matcher": "sift", "band_quantiles": [0.0, 1.0]},
+                "evaluator": {"pretrain_epochs": 1, "epochs": 2, "size": 64, "crop": 32},
+                "alignment": {
+                    "pairs_per_prompt": 4,
+                    "max_pairs": 8,
+                    "dpo": {"num_train_epochs": 1, "per_device_train_batch_size": 4, "learning_rate": 5e-4},
+                },
+            }
+        )
+    )
+    assert main(["run", "--profile", "hub", "--config", str(config), "--no-progress"]) == 0
+    run = tmp_path / "runs" / "llm"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["config"]["proposer"]["backend"] == "transformers"
+    for k in (1, 2):
+        stats = json.loads((run / "iterations" / str(k) / "stats.json").read_text())
+        proposals = read_jsonl(run / "iterations" / str(k) / "proposals.jsonl")
+        assert len(proposals) == 32 and all(p["prompt"].startswith("<|im_start|>system\n") for p in proposals)
+        assert stats["kept"] > 0 and stats["dpo"]["steps"] >= 1
+        retried = [p for p in proposals if p["retries"]]
+        assert stats["parse_retries"] == sum(len(p["retries"]) for p in proposals) == len(retried) > 0
+        assert stats["parse_failures"] == sum(p["spec"] is None for p in proposals)
+        adapter = PeftConfig.from_pretrained(str(run / "adapters" / str(k)))
+        assert set(adapter.target_modules) == {
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        }
+    # round 2 continued round 1's adapter: it starts from round 1's policy, not from the base model
+    first, second = (manifest["stages"][f"{k}/align"] for k in (1, 2))
+    assert first["margin_after"] > first["margin_before"] and second["steps"] >= 1

@@ -157,3 +157,44 @@ def test_category_flag_takes_several(tmp_path: Path):
 
     args = build_parser().parse_args(["run", "--category", "brick", "washer", "--out", str(tmp_path)])
     assert config_from_args(args).data.categories == ["brick", "washer"]
+
+
+def test_a_saved_prompt_set_changes_the_specs(tmp_path: Path, finished_run: Path):
+    """`run --prompts FILE`: the compact proposer obeys the set's constraints, and the run keeps a copy."""
+    from collections import Counter
+
+    from kka_synth.agents import Constraints, PromptSet
+    from kka_synth.runs import read_jsonl
+
+    before = read_jsonl(finished_run / "iterations" / "1" / "proposals.jsonl")
+    common = Counter(r["spec"]["defect_type"] for r in before if r["spec"]).most_common(1)[0][0]
+    assert common  # the unconstrained run proposes this type most often
+    prompts = PromptSet(
+        constraints={"*": Constraints(exclude_types=[common], size_max=0.02, notes=["keep them faint"])}
+    ).save(tmp_path / "prompts.yaml")
+    config = _config(tmp_path, "constrained", iterations=1)
+    assert _run(config, "--prompts", str(prompts), "--no-dpo") == 0
+    run = tmp_path / "runs" / "constrained"
+    after = read_jsonl(run / "iterations" / "1" / "proposals.jsonl")
+    specs = [r["spec"] for r in after if r["spec"]]
+    assert specs and all(s["defect_type"] != common and s["size"] <= 0.02 for s in specs)
+    assert PromptSet.load(run / "prompts.yaml") == PromptSet.load(prompts)
+    assert json.loads((run / "manifest.json").read_text())["config"]["prompts"] == str(prompts)
+
+
+def test_dpo_in_accelerate_workers(tmp_path: Path, finished_run: Path):
+    """alignment.processes runs each DPO round under `accelerate launch` (one CPU worker here); the
+    workers rebuild the model from the run directory and their adapters drive the next iteration."""
+    config = _config(tmp_path, "launched", alignment={**TINY["alignment"], "processes": 1})
+    assert _run(config) == 0
+    run = tmp_path / "runs" / "launched"
+    manifest = json.loads((run / "manifest.json").read_text())
+    for k in (1, 2):
+        align = manifest["stages"][f"{k}/align"]
+        assert align["processes"] == 1 and align["steps"] >= 1
+        assert align["margin_after"] > align["margin_before"]
+        assert (run / "adapters" / str(k) / "adapter_model.safetensors").is_file()
+    # same seeds and pairs as the in-process run: the first round trains on identical pairs
+    inline = json.loads((finished_run / "manifest.json").read_text())["stages"]["1/align"]
+    assert manifest["stages"]["1/align"]["pairs"] == inline["pairs"]
+    assert manifest["stages"]["1/align"]["margin_before"] == pytest.approx(inline["margin_before"], abs=1e-3)
