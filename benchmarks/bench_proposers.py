@@ -89,6 +89,8 @@ def time_backend(proposer: Any, args: argparse.Namespace) -> dict[str, Any]:
     """Propose ``args.n`` specs per category after a warm-up; counts, rates and shares."""
     replies: list[str] = []
     generate = proposer.generate
+    sampled = [0]  # new tokens the transformers model generated (re-encoding the text undercounts ids a
+    # random model samples outside the small test tokenizer's vocabulary)
 
     def counting(conversations, seed):
         out = generate(conversations, seed)
@@ -96,9 +98,20 @@ def time_backend(proposer: Any, args: argparse.Namespace) -> dict[str, Any]:
         return out
 
     proposer.generate = counting
+    model_generate = getattr(getattr(proposer, "model", None), "generate", None)
+    if model_generate is not None:
+
+        def counting_model(*a, **kw):
+            output = model_generate(*a, **kw)  # (B, prompt + new)
+            new = output[:, kw["input_ids"].shape[1] :]
+            sampled[0] += int((new != proposer.tokenizer.pad_token_id).sum())
+            return output
+
+        proposer.model.generate = counting_model
     contexts = [ProposalContext.for_category(name) for name in args.categories]
     proposer.propose(contexts[0], min(args.n, 4), seed=10_000)  # warm-up: kernels, caches
     replies.clear()
+    sampled[0] = 0
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     proposals, times = [], []
@@ -109,8 +122,10 @@ def time_backend(proposer: Any, args: argparse.Namespace) -> dict[str, Any]:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
     proposer.generate = generate
+    if model_generate is not None:
+        proposer.model.generate = model_generate
     total = sum(times)
-    tokens = sum(len(proposer.tokenizer.encode(r, add_special_tokens=False)) for r in replies)
+    tokens = sampled[0] or sum(len(proposer.tokenizer.encode(r, add_special_tokens=False)) for r in replies)
     return {
         "proposals": len(proposals),
         "seconds": total,
