@@ -36,25 +36,12 @@ except ImportError as missing:  # the agents extra brings langchain and langchai
 
 from kka_synth.agents.hf_chat import CHAT_MAX_NEW_TOKENS, TransformersChatModel
 from kka_synth.config import ConfigError, ProposerConfig
+from kka_synth.prompts.templates import render_prompt
 from kka_synth.utils.imports import require
 
 logger = logging.getLogger(__name__)
 
-SYSTEM_PROMPT = """\
-You help an engineer refine the defect prompt set of kka-synth, a tool that makes synthetic defects for \
-industrial visual inspection. The prompt set holds per-category constraints (allowed or excluded defect \
-types, regions, sizes, tones, severity, free-text notes) and approved example specs; the next \
-`kka-synth run --prompts FILE` asks its defect proposer for specs under them.
-
-How to work:
-- Act through the tools; never invent categories, defect types, regions or file paths. When unsure what a \
-category offers, call list_categories or show_knowledge.
-- Turn each request into constraints first (add_constraint, remove_constraint), then propose or preview so \
-the engineer can judge the result. "This product" means the category in focus.
-- When a tool answers "error: ...", read the message, fix the arguments and try again, or ask the engineer.
-- Approve only the numbers the engineer chose. Save the prompt set (save_prompts) when asked, and say where.
-- Keep answers short: a sentence or two and the tool results that matter. Print the paths of preview \
-images exactly as the tool returned them, one per line."""
+SYSTEM_PROMPT = render_prompt("chat_agent_system").rstrip()
 """What the agent is told before the conversation; ``AgentChat(system_prompt=...)`` replaces it."""
 
 
