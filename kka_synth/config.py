@@ -15,6 +15,17 @@ from typing import Any
 import yaml
 
 DATASETS = ("demo", "mvtec_ad", "mvtec_loco", "visa", "folder")
+HF_PREFIX = "hf:"
+"""``data.dataset`` of the form ``hf:<Hub repo id or local path>`` reads a Hugging Face dataset mirror."""
+HF_COLUMNS = {
+    "image": "image",
+    "mask": "mask",
+    "label": "label",
+    "category": "category",
+    "split": "split",
+    "defect_type": "defect_type",
+}
+"""Our field name -> the mirror's column name (the defaults follow anomalib's and MVTec AD's names)."""
 PROFILES = ("offline", "hub")
 MODES = ("add", "rep")
 VARIANTS = ("none", "rule", "kka", "two-stage", "reverse")
@@ -39,23 +50,53 @@ def check_config(condition: bool, message: str) -> None:
 
 @dataclass
 class DataConfig:
-    dataset: str = help_field("Dataset layout: " + ", ".join(DATASETS) + ".", default="demo")
-    root: str | None = help_field("Dataset root folder (not needed for demo).", default=None)
+    dataset: str = help_field(
+        "Dataset layout: " + ", ".join(DATASETS) + ", or hf:<Hub repo id or local path> for a Hugging Face "
+        "dataset mirror.",
+        default="demo",
+    )
+    root: str | None = help_field(
+        "Dataset root folder (not needed for demo; for hf: where images are unpacked, default the cache).",
+        default=None,
+    )
     categories: list[str] = help_field("Categories to use; empty means all.", default_factory=list)
     image_size: int = help_field("Side in pixels that images are resized to for the loop.", default=128)
+    knowledge: str | None = help_field(
+        "A YAML file of your own category knowledge (the format of prompts/knowledge/*.yaml); its categories "
+        "take precedence over the shipped ones, and the compact proposer learns them too.",
+        default=None,
+    )
     holdout: float = help_field(
         "Share of train/good held out to calibrate the hard rule and the filters.", default=0.25
     )
+    hf_columns: dict[str, str] = help_field(
+        "hf: mirrors: our field (" + ", ".join(HF_COLUMNS) + ") -> the mirror's column name. Splits come "
+        "from the split column when the mirror has one, else from its own train/test splits.",
+        default_factory=lambda: dict(HF_COLUMNS),
+    )
 
     def __post_init__(self) -> None:
+        is_hf = isinstance(self.dataset, str) and self.dataset.startswith(HF_PREFIX)
         check_config(
-            self.dataset in DATASETS,
-            f"data.dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}",
+            self.dataset in DATASETS or (is_hf and len(self.dataset) > len(HF_PREFIX)),
+            f"data.dataset must be one of {', '.join(DATASETS)} or hf:<repo id or path>, "
+            f"got {self.dataset!r}",
         )
         check_config(
-            self.dataset == "demo" or self.root is not None,
+            self.dataset == "demo" or is_hf or self.root is not None,
             f"data.root is required for dataset {self.dataset!r} (pass --data-root)",
         )
+        check_config(
+            isinstance(self.hf_columns, dict), "data.hf_columns must be a mapping of field -> column name"
+        )
+        unknown = sorted(set(self.hf_columns) - set(HF_COLUMNS))
+        check_config(
+            not unknown,
+            f"data.hf_columns has unknown field {unknown[0] if unknown else ''!r} "
+            f"(known: {', '.join(HF_COLUMNS)})",
+        )
+        bad = [key for key, value in self.hf_columns.items() if not isinstance(value, str) or not value]
+        check_config(not bad, f"data.hf_columns.{bad[0] if bad else ''} must be a non-empty column name")
         check_config(
             16 <= self.image_size <= 4096, f"data.image_size must be in [16, 4096], got {self.image_size}"
         )
@@ -333,9 +374,23 @@ class FilterConfig:
         )
 
 
+EVALUATORS = ("deepsad-cnn", "deepsad-dinov2")
+
+
 @dataclass
 class EvaluatorConfig:
-    name: str = help_field("Confusion evaluator: deepsad-cnn.", default="deepsad-cnn")
+    name: str = help_field(
+        "Confusion evaluator: deepsad-cnn (a small CNN trained from scratch) or deepsad-dinov2 (a Deep SAD "
+        "head on frozen DINOv2 features).",
+        default="deepsad-cnn",
+    )
+    model: str = help_field(
+        "deepsad-dinov2: Hub id or local directory of the DINOv2 backbone.", default="facebook/dinov2-small"
+    )
+    device: str = help_field(
+        "deepsad-dinov2: device of the backbone: auto, cpu, cuda, cuda:N.", default="auto"
+    )
+    batch_size: int = help_field("deepsad-dinov2: images per backbone forward pass.", default=16)
     eta: float = help_field("Weight of the labelled-anomaly term of Deep SAD.", default=1.0)
     pretrain_epochs: int = help_field("Autoencoder pretraining epochs.", default=20)
     epochs: int = help_field("Deep SAD training epochs.", default=50)
@@ -351,7 +406,15 @@ class EvaluatorConfig:
     )
 
     def __post_init__(self) -> None:
-        check_config(self.name in ("deepsad-cnn",), f"evaluator.name must be deepsad-cnn, got {self.name!r}")
+        check_config(
+            self.name in EVALUATORS,
+            f"evaluator.name must be one of {', '.join(EVALUATORS)}, got {self.name!r}",
+        )
+        check_config(
+            self.device in DEVICES or self.device.startswith("cuda:"),
+            f"evaluator.device must be one of {', '.join(DEVICES)} or cuda:N, got {self.device!r}",
+        )
+        check_config(self.batch_size >= 1, f"evaluator.batch_size must be >= 1, got {self.batch_size}")
         check_config(self.eta > 0, "evaluator.eta must be positive")
         check_config(
             self.size % 4 == 0 and self.size >= 16,
@@ -572,5 +635,6 @@ def profile_defaults(profile: str) -> dict[str, Any]:
             },
             "render": {"renderers": ["inpaint"]},
             "filters": {"matcher": "lightglue"},
+            "evaluator": {"name": "deepsad-dinov2"},
         }
     raise ConfigError(f"profile must be one of {', '.join(PROFILES)}, got {profile!r}")

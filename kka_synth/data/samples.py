@@ -8,13 +8,15 @@ agree, and :func:`validate_pair` does the same check from the file headers alone
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from kka_synth.config import HF_PREFIX
 from kka_synth.data.demo import demo_root
 from kka_synth.data.folder import folder_categories, load_folder
+from kka_synth.data.hf_mirror import hf_mirror_categories, load_hf_mirror
 from kka_synth.data.images import (
     DataError,
     image_size,
@@ -35,7 +37,10 @@ LOADERS: dict[str, Callable[..., list[Sample]]] = {
     "folder": load_folder,
 }
 """Dataset name -> loader ``(root, categories) -> list[Sample]``; "demo" is the MVTec AD loader on the
-built-in demo dataset."""
+built-in demo dataset. A dataset named ``hf:<repo id or path>`` goes to :data:`HF_LOADER` instead."""
+
+HF_LOADER: Callable[..., list[Sample]] = load_hf_mirror
+"""Loader of ``hf:<name>`` datasets: ``(name, root, categories, columns) -> list[Sample]``."""
 
 _CATEGORY_LISTERS: dict[str, Callable[[str | Path], list[str]]] = {
     "mvtec_ad": mvtec_categories,
@@ -47,21 +52,38 @@ _CATEGORY_LISTERS: dict[str, Callable[[str | Path], list[str]]] = {
 DATASET_NAMES = ("demo", *LOADERS)
 
 
+def _hf_name(dataset: str) -> str | None:
+    """The mirror name of an ``hf:<name>`` dataset, else None."""
+    if isinstance(dataset, str) and dataset.startswith(HF_PREFIX) and len(dataset) > len(HF_PREFIX):
+        return dataset[len(HF_PREFIX) :]
+    return None
+
+
 def _check_dataset(dataset: str) -> None:
-    if dataset not in DATASET_NAMES:
-        raise DataError(f"unknown dataset {dataset!r} (known: {', '.join(DATASET_NAMES)})")
+    if dataset not in DATASET_NAMES and _hf_name(dataset) is None:
+        raise DataError(
+            f"unknown dataset {dataset!r} (known: {', '.join(DATASET_NAMES)}, or hf:<repo id or path>)"
+        )
 
 
 def load_samples(
-    dataset: str, root: str | Path | None, categories: Sequence[str] | None = None
+    dataset: str,
+    root: str | Path | None,
+    categories: Sequence[str] | None = None,
+    columns: Mapping[str, str] | None = None,
 ) -> list[Sample]:
     """The samples of ``dataset`` under ``root``, restricted to ``categories`` (all when None or empty).
 
-    For ``"demo"``, ``root`` is the cache folder the demo is built into (None: the kka-synth cache).
+    For ``"demo"``, ``root`` is the cache folder the demo is built into (None: the kka-synth cache). For
+    ``"hf:<name>"``, ``root`` is where the mirror's images are written (None: the cache) and ``columns``
+    maps its columns (``DataConfig.hf_columns``); other datasets ignore ``columns``.
     Unknown datasets or categories and missing folders or masks raise :class:`DataError`.
     """
     _check_dataset(dataset)
     requested = list(categories) if categories else None
+    mirror = _hf_name(dataset)
+    if mirror is not None:
+        return HF_LOADER(mirror, root, requested, columns)
     if dataset == "demo":
         return load_mvtec_ad(demo_root(root), requested)
     if root is None:
@@ -69,9 +91,14 @@ def load_samples(
     return LOADERS[dataset](root, requested)
 
 
-def list_categories(dataset: str, root: str | Path | None) -> list[str]:
-    """Sorted category names of ``dataset`` under ``root``."""
+def list_categories(
+    dataset: str, root: str | Path | None, columns: Mapping[str, str] | None = None
+) -> list[str]:
+    """Sorted category names of ``dataset`` under ``root`` (``columns``: see :func:`load_samples`)."""
     _check_dataset(dataset)
+    mirror = _hf_name(dataset)
+    if mirror is not None:
+        return hf_mirror_categories(mirror, columns)
     if dataset == "demo":
         return mvtec_categories(demo_root(root))
     if root is None:
