@@ -72,7 +72,8 @@ def judge_curve(run_dir: Path, samples: int, seed: int = 12345) -> list[float]:
     loop = KKALoop(RunDir(run_dir, json.loads((run_dir / "manifest.json").read_text())))
     loop.prepare()
     config = loop.config
-    proposer = build_proposer(config.proposer, seed=config.seed)  # the base model, before any adapter
+    # the base model, before any adapter
+    proposer = build_proposer(config.proposer, seed=config.seed, knowledge_file=config.data.knowledge)
     renderer = RENDERERS[config.render.renderers[0]]()
     shares = []
     for k in range(config.iterations + 1):

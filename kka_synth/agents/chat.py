@@ -28,7 +28,7 @@ from kka_synth.agents.base import ProposalContext, Proposer
 from kka_synth.agents.constraints import ALL, FIELDS, NUMBER_FIELDS, Constraints, PromptSet
 from kka_synth.agents.corpus import spec_text
 from kka_synth.config import RunConfig
-from kka_synth.prompts.knowledge import CategoryKnowledge, load_knowledge
+from kka_synth.prompts.knowledge import CategoryKnowledge, load_knowledge, read_user_knowledge
 from kka_synth.types import REGIONS, SHAPES, SPEC_FIELDS, TONES, Proposal
 
 logger = logging.getLogger(__name__)
@@ -179,6 +179,7 @@ class ChatSession:
         self.category: str | None = None
         self._categories: list[str] | None = None
         self._knowledge: dict[str, CategoryKnowledge] = {}
+        self._user_knowledge: dict[str, CategoryKnowledge] | None = None
         self._last: dict[str, list[Proposal]] = {}
         self._normals: dict[str, list[np.ndarray]] = {}
         self._renderers: dict[str, Any] | None = None
@@ -227,7 +228,11 @@ class ChatSession:
     def knowledge_of(self, category: str) -> CategoryKnowledge:
         if category not in self._knowledge:
             dataset = self.config.data.dataset
-            self._knowledge[category] = load_knowledge(category, None if dataset == "folder" else dataset)
+            if self._user_knowledge is None:
+                self._user_knowledge = read_user_knowledge(self.config.data.knowledge)
+            self._knowledge[category] = load_knowledge(
+                category, None if dataset == "folder" else dataset, extra=self._user_knowledge
+            )
         return self._knowledge[category]
 
     def types_of(self, scope: str) -> list[str]:
@@ -573,7 +578,9 @@ class ChatSession:
         if self.proposer is None:
             from kka_synth.agents import build_proposer
 
-            self.proposer = build_proposer(self.config.proposer, self.config.seed)
+            self.proposer = build_proposer(
+                self.config.proposer, self.config.seed, knowledge_file=self.config.data.knowledge
+            )
         return self.proposer
 
     def _next_seed(self) -> int:
@@ -640,7 +647,7 @@ class ChatSession:
             from kka_synth.data import load_rgb, load_samples
 
             cfg = self.config.data
-            samples = load_samples(cfg.dataset, cfg.root, [category])
+            samples = load_samples(cfg.dataset, cfg.root, [category], columns=cfg.hf_columns)
             good = sorted(
                 (s for s in samples if s.split == "train" and s.label == 0), key=lambda s: str(s.image_path)
             )

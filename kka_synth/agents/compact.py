@@ -3,7 +3,8 @@
 It stands in for the LLM of KKA ("Improving Vision Anomaly Detection through Anomaly-related Knowledge from
 LLMs", arXiv 2502.14880) when no pretrained weights can be used: a few-layer ``LlamaForCausalLM`` and a local
 BPE tokenizer are pretrained on first use on specs sampled from the knowledge base (all categories of all
-knowledge files, so one model serves any dataset), then cached. Sampling is seeded and batched, and by default
+knowledge files, so one model serves any dataset, plus the user's own file when ``data.knowledge`` names one),
+then cached. Sampling is seeded and batched, and by default
 constrained to the spec grammar. DPO aligns it by training a LoRA adapter on :attr:`CompactProposer.model`;
 :meth:`CompactProposer.apply_adapter` merges that adapter so the next round samples with it.
 """
@@ -29,9 +30,9 @@ from kka_synth.agents.base import ProposalContext, parse_completion
 from kka_synth.agents.constraints import ConstraintError, Constraints
 from kka_synth.agents.corpus import SpecVocabulary, compact_prompt
 from kka_synth.agents.grammar import SpecGrammar, SpecGrammarProcessor
-from kka_synth.agents.pretrain import SETTINGS_FILE, CompactLMConfig, load_or_pretrain
+from kka_synth.agents.pretrain import SETTINGS_FILE, CompactLMConfig, corpus_knowledge, load_or_pretrain
 from kka_synth.config import ProposerConfig
-from kka_synth.prompts.knowledge import GENERIC, all_knowledge
+from kka_synth.prompts.knowledge import GENERIC
 from kka_synth.types import Proposal
 
 logger = logging.getLogger(__name__)
@@ -71,12 +72,16 @@ class CompactProposer:
         settings = _read_settings(model_dir, lm)
         self.path = model_dir
         self.knowledge_files = tuple(settings["knowledge_files"])
+        self.user_knowledge: str | None = settings.get("user_knowledge")
         self.max_description_words = int(settings["max_description_words"])
         self.model = LlamaForCausalLM.from_pretrained(model_dir)
         self.model.eval()
         self.tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
         self.tokenizer.padding_side = "left"
-        self.vocabulary = SpecVocabulary.from_knowledge(all_knowledge(self.knowledge_files))
+        knowledge = corpus_knowledge(self.knowledge_files, self.user_knowledge)
+        self.categories = tuple(sorted(knowledge))
+        """The categories the model was pretrained on (the user's included)."""
+        self.vocabulary = SpecVocabulary.from_knowledge(knowledge)
         self._grammars: dict[tuple[int, str], SpecGrammar] = {}
 
     @classmethod
@@ -95,6 +100,7 @@ class CompactProposer:
         self.tokenizer.save_pretrained(path)
         settings = {
             "knowledge_files": list(self.knowledge_files),
+            "user_knowledge": self.user_knowledge,
             "max_description_words": self.max_description_words,
         }
         (path / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
@@ -104,7 +110,9 @@ class CompactProposer:
 
         A category without its own knowledge entry (a folder dataset, say) is asked as the generic category:
         its defect list is the generic one, and the compact model was pretrained on that prompt, while its own
-        name is a prompt the model never saw, which it answers with other categories' defect types.
+        name is a prompt the model never saw, which it answers with other categories' defect types. A category
+        of the user's knowledge file is asked by its own name, which pretraining saw when
+        ``lm.user_knowledge`` held that file.
         """
         if context.knowledge.dataset == GENERIC:
             return compact_prompt(context.knowledge, GENERIC)
@@ -250,6 +258,7 @@ def _read_settings(model_dir: Path, lm: CompactLMConfig) -> dict:
     if not path.is_file():
         return {
             "knowledge_files": list(lm.knowledge_files),
+            "user_knowledge": lm.user_knowledge,
             "max_description_words": lm.max_description_words,
         }
     try:
@@ -259,4 +268,6 @@ def _read_settings(model_dir: Path, lm: CompactLMConfig) -> dict:
     missing = [key for key in ("knowledge_files", "max_description_words") if key not in settings]
     if missing:
         raise ValueError(f"{path} lacks {missing[0]}")
+    if not isinstance(settings.get("user_knowledge"), (str, type(None))):
+        raise ValueError(f"{path}: user_knowledge must be a YAML text or null")
     return settings

@@ -4,8 +4,9 @@ KKA ("Improving Vision Anomaly Detection through Anomaly-related Knowledge from 
 begins from an LLM that knows each category's anomalies. The offline profile builds that starting point: a
 small ``LlamaForCausalLM`` from a ``LlamaConfig`` and a local BPE tokenizer, trained with AdamW on the
 knowledge corpus of :mod:`kka_synth.agents.corpus` (loss on the completion tokens only). The result is saved
-with ``save_pretrained`` under ``cache_dir("proposers", <key>)``, where the key hashes the knowledge files,
-the architecture, the steps and the seed; the write goes to a temporary folder that is renamed into place.
+with ``save_pretrained`` under ``cache_dir("proposers", <key>)``, where the key hashes the knowledge files
+(the user's own file included, by content), the architecture, the steps and the seed; the write goes to a
+temporary folder that is renamed into place.
 """
 
 from __future__ import annotations
@@ -27,13 +28,23 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from kka_synth.agents.corpus import CorpusExample, SpecVocabulary, build_corpus, train_tokenizer
 from kka_synth.config import ConfigError
-from kka_synth.prompts.knowledge import KNOWLEDGE_FILES, all_knowledge, knowledge_digest
+from kka_synth.prompts.knowledge import (
+    KNOWLEDGE_FILES,
+    CategoryKnowledge,
+    all_knowledge,
+    knowledge_digest,
+    parse_user_knowledge,
+)
 from kka_synth.utils.cache import cache_dir
 
 logger = logging.getLogger(__name__)
 
 SETTINGS_FILE = "proposer.json"
-"""Saved next to the model and tokenizer: the knowledge files, the description cap and the pretraining log."""
+"""Saved next to the model and tokenizer: the knowledge files, the user's knowledge text, the description cap
+and the pretraining log."""
+
+USER_SOURCE = "the proposer's user knowledge"
+"""How errors name a user knowledge text that reached the proposer without its file name."""
 
 CORPUS_VERSION = 1
 """Bump when the corpus or tokenizer format changes, so cached models are rebuilt."""
@@ -55,6 +66,9 @@ class CompactLMConfig:
     learning_rate: float = 8e-3
     max_description_words: int = 8
     knowledge_files: tuple[str, ...] = KNOWLEDGE_FILES
+    user_knowledge: str | None = None
+    """YAML text of the user's knowledge file (``data.knowledge``): its categories join the corpus and the
+    vocabulary, replacing shipped ones of the same name; the cache key hashes it."""
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "specs_per_category"):
@@ -75,14 +89,30 @@ class CompactLMConfig:
         unknown = [name for name in self.knowledge_files if name not in KNOWLEDGE_FILES]
         if unknown or not self.knowledge_files:
             raise ConfigError(f"compact LM knowledge_files must name files of {', '.join(KNOWLEDGE_FILES)}")
+        if self.user_knowledge is not None:
+            parse_user_knowledge(self.user_knowledge, USER_SOURCE)
+
+    def knowledge(self) -> dict[str, CategoryKnowledge]:
+        """Every category the model learns: the knowledge files, then the user's categories."""
+        return corpus_knowledge(self.knowledge_files, self.user_knowledge)
+
+
+def corpus_knowledge(
+    knowledge_files: tuple[str, ...], user_knowledge: str | None = None
+) -> dict[str, CategoryKnowledge]:
+    """The shipped files' categories merged with those of ``user_knowledge`` (a YAML text), which win."""
+    extra = None if user_knowledge is None else parse_user_knowledge(user_knowledge, USER_SOURCE)
+    return all_knowledge(knowledge_files, extra=extra)
 
 
 def cache_key(lm: CompactLMConfig, steps: int, seed: int) -> str:
     """Hash of everything that determines the pretrained weights."""
+    settings = asdict(lm)
+    del settings["user_knowledge"]  # in the digest, by content; absent, the key is the one without it
     payload = {
         "corpus_version": CORPUS_VERSION,
-        "knowledge": knowledge_digest(lm.knowledge_files),
-        "lm": asdict(lm),
+        "knowledge": knowledge_digest(lm.knowledge_files, lm.user_knowledge),
+        "lm": settings,
         "steps": steps,
         "seed": seed,
     }
@@ -186,7 +216,7 @@ def load_or_pretrain(lm: CompactLMConfig, steps: int, seed: int) -> Path:
         return target
     logger.info("pretraining the compact proposer (%d steps, seed %d); cached as %s", steps, seed, key)
     started = time.perf_counter()
-    knowledge = all_knowledge(lm.knowledge_files)
+    knowledge = lm.knowledge()
     corpus = build_corpus(knowledge, lm.specs_per_category, seed)
     tokenizer = train_tokenizer(
         [example.prompt + example.completion for example in corpus],
@@ -204,6 +234,7 @@ def load_or_pretrain(lm: CompactLMConfig, steps: int, seed: int) -> Path:
         tokenizer.save_pretrained(temporary)
         settings = {
             "knowledge_files": list(lm.knowledge_files),
+            "user_knowledge": lm.user_knowledge,
             "max_description_words": lm.max_description_words,
             "pretrain": {"steps": steps, "seed": seed, "seconds": round(seconds, 2), "losses": losses},
         }

@@ -40,7 +40,7 @@ from kka_synth.config import VARIANTS, ConfigError, EvalConfig
 from kka_synth.data import DataError, load_mask, load_rgb, load_samples, save_rgb
 from kka_synth.data.mvtec import loco_defects_config, loco_regions
 from kka_synth.eval.metrics import PixelScores, anomaly_metrics, image_auroc, roc_points
-from kka_synth.prompts.knowledge import load_knowledge
+from kka_synth.prompts.knowledge import load_knowledge, read_user_knowledge
 from kka_synth.runs import RunDir, atomic_dir, atomic_write_json, atomic_write_text, read_jsonl
 from kka_synth.synth.perlin import PerlinAnomalies
 from kka_synth.types import Sample, SyntheticStage
@@ -121,6 +121,7 @@ class Evaluation:
             raise ConfigError(f"unknown detector {unknown[0]!r} (known: {', '.join(DETECTORS)})")
         self.run = run
         self.run_config = run.config
+        self.user_knowledge = read_user_knowledge(self.run_config.data.knowledge)
         self.config = config
         self.progress = progress or _silent
         self.size = config.image_size or self.run_config.data.image_size
@@ -129,7 +130,7 @@ class Evaluation:
     # data --------------------------------------------------------------------------------------------
     def _samples(self) -> dict[str, list[Sample]]:
         data = self.run_config.data
-        samples = load_samples(data.dataset, data.root, data.categories or None)
+        samples = load_samples(data.dataset, data.root, data.categories or None, columns=data.hf_columns)
         by_category: dict[str, list[Sample]] = {}
         for s in samples:
             by_category.setdefault(s.category, []).append(s)
@@ -160,7 +161,9 @@ class Evaluation:
 
     def _rule_stage(self, category: str) -> SyntheticStage:
         dataset = self.run_config.data.dataset
-        knowledge = load_knowledge(category, None if dataset == "folder" else dataset)
+        knowledge = load_knowledge(
+            category, None if dataset == "folder" else dataset, extra=self.user_knowledge
+        )
         return SyntheticStage("rule", draw=PerlinAnomalies(category, list(knowledge.defect_types)))
 
     def _kka_stage(self, category: str, normal: dict[str, np.ndarray]) -> SyntheticStage | None:
@@ -195,7 +198,9 @@ class Evaluation:
             # a detector prompted with the category's parts (AeCSAD's GroundingDINO) gets the knowledge base's
             dataset = self.run_config.data.dataset
             options["components"] = list(
-                load_knowledge(category, None if dataset == "folder" else dataset).components
+                load_knowledge(
+                    category, None if dataset == "folder" else dataset, extra=self.user_knowledge
+                ).components
             )
         try:
             config = cls.config_class(**options)

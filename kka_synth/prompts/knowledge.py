@@ -22,6 +22,11 @@ data, one file per dataset family under ``prompts/knowledge/``:
             phrases: [large chip broken off the rim]
 
 Every file is validated on load; a mistake raises :class:`KnowledgeError` naming the file and the key.
+
+A user describes a product of their own in a file of the same format (``data.knowledge``), read with
+:func:`read_user_knowledge` and handed to :func:`load_knowledge` and :func:`all_knowledge` as ``extra``. Its
+categories take precedence over the shipped ones: a new name adds a category, a shipped name replaces that
+category's entry (logged), and a category named ``generic`` replaces the fallback defect list.
 """
 
 from __future__ import annotations
@@ -30,8 +35,10 @@ import functools
 import hashlib
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -274,8 +281,63 @@ def load_knowledge_file(dataset: str) -> dict[str, CategoryKnowledge]:
     return dict(_load_file(dataset))
 
 
-def all_knowledge(datasets: tuple[str, ...] = KNOWLEDGE_FILES) -> dict[str, CategoryKnowledge]:
-    """The categories of several knowledge files; a name in two files raises :class:`KnowledgeError`."""
+def parse_user_knowledge(text: str, source: str) -> dict[str, CategoryKnowledge]:
+    """Validate the YAML text of a user's knowledge file; ``source`` names it in errors.
+
+    The format is that of the shipped files; only ``dataset: generic`` is refused, since that name marks
+    categories that fell back to the generic defect list.
+    """
+    knowledge = parse_knowledge(text, source)
+    if next(iter(knowledge.values())).dataset == GENERIC:
+        raise _fail(source, "dataset", f"{GENERIC!r} is reserved for the fallback list; name your product")
+    return knowledge
+
+
+def user_knowledge_text(path: str | Path) -> str:
+    """The YAML text of the user's knowledge file at ``path``, validated (errors name the file and key)."""
+    path = Path(path)
+    if not path.is_file():
+        raise KnowledgeError(f"{path}: no such knowledge file")
+    try:
+        text = path.read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise KnowledgeError(f"{path}: cannot be read ({type(error).__name__})") from None
+    parse_user_knowledge(text, str(path))
+    return text
+
+
+def read_user_knowledge(path: str | Path | None) -> dict[str, CategoryKnowledge]:
+    """The categories of the user's knowledge file at ``path`` (``data.knowledge``); ``{}`` for None."""
+    if path is None:
+        return {}
+    return parse_user_knowledge(user_knowledge_text(path), str(path))
+
+
+def _shipped(category: str, datasets: tuple[str, ...]) -> CategoryKnowledge | None:
+    """The first shipped entry of ``category`` among ``datasets``' files, or None."""
+    for dataset in datasets:
+        entry = _load_file(dataset).get(category)
+        if entry is not None:
+            return entry
+    return None
+
+
+def _note_override(entry: CategoryKnowledge, shipped: CategoryKnowledge) -> None:
+    logger.info(
+        "category %r: the user's knowledge (dataset %s) replaces knowledge/%s.yaml",
+        entry.name,
+        entry.dataset,
+        shipped.dataset,
+    )
+
+
+def all_knowledge(
+    datasets: tuple[str, ...] = KNOWLEDGE_FILES, extra: Mapping[str, CategoryKnowledge] | None = None
+) -> dict[str, CategoryKnowledge]:
+    """The categories of several knowledge files, then ``extra`` (the user's: :func:`read_user_knowledge`).
+
+    A name in two shipped files raises :class:`KnowledgeError`; a name of ``extra`` replaces a shipped one.
+    """
     merged: dict[str, CategoryKnowledge] = {}
     for dataset in datasets:
         for name, entry in _load_file(dataset).items():
@@ -285,30 +347,46 @@ def all_knowledge(datasets: tuple[str, ...] = KNOWLEDGE_FILES) -> dict[str, Cate
                     f"also defined in knowledge/{merged[name].dataset}.yaml"
                 )
             merged[name] = entry
+    for name, entry in (extra or {}).items():
+        if name in merged:
+            _note_override(entry, merged[name])
+        merged[name] = entry
     return merged
 
 
-def knowledge_digest(datasets: tuple[str, ...] = KNOWLEDGE_FILES) -> str:
-    """A SHA-256 of the named knowledge files' bytes (changes whenever the knowledge changes)."""
+def knowledge_digest(datasets: tuple[str, ...] = KNOWLEDGE_FILES, extra_text: str | None = None) -> str:
+    """A SHA-256 of the named knowledge files' bytes and the user's file text (changes with either)."""
     digest = hashlib.sha256()
     for dataset in datasets:
         digest.update(dataset.encode())
         digest.update(knowledge_text(dataset).encode())
+    if extra_text is not None:
+        digest.update(b"\0user\0")
+        digest.update(extra_text.encode())
     return digest.hexdigest()
 
 
-def load_knowledge(category: str, dataset: str | None = None) -> CategoryKnowledge:
-    """The knowledge of ``category``, looked up in ``dataset``'s file or, when None, in every file.
+def load_knowledge(
+    category: str, dataset: str | None = None, extra: Mapping[str, CategoryKnowledge] | None = None
+) -> CategoryKnowledge:
+    """The knowledge of ``category``: from ``extra`` first, else ``dataset``'s file or, when None, every file.
 
-    A category that no file describes gets the generic defect list under its own name, with a logged note.
-    ``dataset`` may also name a layout without its own file (such as ``folder``): every file is searched.
+    ``extra`` holds the user's categories (:func:`read_user_knowledge`); one that shares a shipped category's
+    name replaces it, with a logged note. A category that no file describes gets the generic defect list (the
+    user's ``generic`` entry when ``extra`` has one) under its own name, with a logged note. ``dataset`` may
+    also name a layout without its own file (such as ``folder``): every file is searched.
     """
+    extra = extra or {}
     files = (dataset,) if dataset in KNOWLEDGE_FILES else KNOWLEDGE_FILES
-    for name in files:
-        entry = _load_file(name).get(category)
-        if entry is not None:
-            return entry
-    generic = _load_file(GENERIC)[GENERIC]
+    if category in extra:
+        shipped = _shipped(category, files)
+        if shipped is not None:
+            _note_override(extra[category], shipped)
+        return extra[category]
+    shipped = _shipped(category, files)
+    if shipped is not None:
+        return shipped
+    generic = extra.get(GENERIC) or _load_file(GENERIC)[GENERIC]
     where = f"knowledge/{dataset}.yaml" if dataset in KNOWLEDGE_FILES else "any knowledge file"
     logger.info("category %r is not in %s; using the generic defect list", category, where)
     return CategoryKnowledge(
