@@ -3,6 +3,11 @@
 Sizes per call: 60 training normals, 20 held-out normals, 64 kept candidates (128 x 128, with masks),
 2 folds, the default EvaluatorConfig; DPO on a 2-layer, hidden-64 Llama with 128 pairs and the default
 AlignmentConfig. Run with ``OMP_NUM_THREADS=1 python benchmarks/bench_evaluator.py``.
+
+``--evaluator deepsad-dinov2`` times the hub profile's evaluator instead (a Deep SAD head on frozen DINOv2
+features at 224 px): ``--model`` names a Hub id or local folder, or, by default, a random backbone of
+dinov2-small's shape is saved to a temporary folder (timings only: its hard shares mean nothing). Each
+repeat is one loop iteration: the first encodes the normals, the later ones only their new candidates.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import skimage.data
 import torch
 
 from kka_synth.alignment.hardness import JudgeEvaluator, cross_fit_hardness
-from kka_synth.config import AlignmentConfig, EvaluatorConfig
+from kka_synth.config import EVALUATORS, AlignmentConfig, EvaluatorConfig
 from kka_synth.types import PreferencePair
 
 CROP = 128
@@ -47,12 +52,11 @@ def _defect(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np
     return np.clip(painted, 0, 255).astype(np.uint8), mask.astype(bool)
 
 
-def bench_hardness(repeats: int) -> None:
+def bench_hardness(repeats: int, config: EvaluatorConfig) -> None:
     texture = np.stack([skimage.data.brick()] * 3, axis=-1)
     rng = np.random.default_rng(0)
     normals = _crops(texture, 60, (0, 300), rng)
     holdout = _crops(texture, 20, (300, 512), rng)
-    config = EvaluatorConfig()
     times, shares = [], []
     for seed in range(repeats):
         rendered = [_defect(image, rng) for image in _crops(texture, 64, (0, 512), rng)]
@@ -63,9 +67,9 @@ def bench_hardness(repeats: int) -> None:
         times.append(time.perf_counter() - start)
         shares.append(result.hard_share)
     print(
-        f"cross_fit_hardness (60 normals, 20 holdout, 64 candidates, {config.folds} folds, "
+        f"cross_fit_hardness [{config.name}] (60 normals, 20 holdout, 64 candidates, {config.folds} folds, "
         f"{config.pretrain_epochs}+{config.epochs} epochs): "
-        f"mean {np.mean(times):.2f} s, min {np.min(times):.2f} s, max {np.max(times):.2f} s; "
+        f"per call {np.round(times, 2).tolist()} s (mean {np.mean(times):.2f}); "
         f"hard share {np.round(shares, 2).tolist()}"
     )
     rule_based = [_defect(image, rng) for image in _crops(texture, 64, (0, 300), rng)]
@@ -146,10 +150,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="cross_fit_hardness calls to time")
     parser.add_argument("--pairs", type=int, default=128, help="preference pairs in the DPO round")
+    parser.add_argument("--evaluator", choices=EVALUATORS, default="deepsad-cnn", help="evaluator to time")
+    parser.add_argument("--model", default=None, help="deepsad-dinov2: Hub id or folder (default: random)")
+    parser.add_argument("--device", default="auto", help="deepsad-dinov2: backbone device")
+    parser.add_argument("--no-dpo", action="store_true", help="skip the DPO round")
     args = parser.parse_args()
     print(f"torch threads: {torch.get_num_threads()}")
-    bench_hardness(args.repeats)
-    bench_dpo(args.pairs)
+    with tempfile.TemporaryDirectory() as folder:
+        config = EvaluatorConfig(name=args.evaluator, device=args.device)
+        if args.evaluator == "deepsad-dinov2":
+            if args.model is None:
+                from kka_synth.detectors.vfm.model import random_dinov2
+
+                random_dinov2("small", seed=0).save_pretrained(folder)
+                args.model = folder
+            config.model = args.model
+            print(f"backbone: {args.model}, device {args.device}, batch {config.batch_size}")
+        bench_hardness(args.repeats, config)
+    if not args.no_dpo:
+        bench_dpo(args.pairs)
 
 
 if __name__ == "__main__":

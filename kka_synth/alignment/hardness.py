@@ -17,6 +17,10 @@ The rule, fixed before any run:
 
 Two ways to apply it:
 
+``config.name`` picks the model: ``deepsad-cnn`` is the patch-level Deep SAD trained from scratch
+(:mod:`kka_synth.alignment.deepsad`), ``deepsad-dinov2`` a Deep SAD head on frozen DINOv2 features
+(:mod:`kka_synth.alignment.feature_sad`). Both give one anomaly score per image, so the rule is the same.
+
 - :func:`cross_fit_hardness` refits Deep SAD each iteration with K-fold cross-fitting: the candidates are
   split into ``config.folds`` folds and each fold is scored by a fresh model fitted on the normal images
   plus the *other* folds' candidates, so no candidate is scored by a model trained on it. The autoencoder
@@ -24,7 +28,7 @@ Two ways to apply it:
 - :class:`JudgeEvaluator` is a Deep SAD fitted once on normal images plus caller-given rule-based anomalies
   and then frozen; it scores every iteration with the same threshold and scale, so hard shares compare
   across iterations without the evaluator moving the goalposts. It saves to and loads from a folder
-  (``judge.safetensors`` + ``judge.json``).
+  (``judge.safetensors`` + ``judge.json``, which records the evaluator's name).
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ from typing import Any
 import numpy as np
 
 from kka_synth.alignment.deepsad import DeepSADEvaluator, EvaluatorInputError, check_images
-from kka_synth.config import EvaluatorConfig
+from kka_synth.alignment.feature_sad import FeatureDeepSADEvaluator
+from kka_synth.config import EVALUATORS, EvaluatorConfig
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +53,16 @@ SCALE_FLOOR = 0.01
 
 JUDGE_WEIGHTS = "judge.safetensors"
 JUDGE_RULE = "judge.json"
+
+ConfusionModel = DeepSADEvaluator | FeatureDeepSADEvaluator
+
+
+def evaluator_class(name: str) -> type[DeepSADEvaluator] | type[FeatureDeepSADEvaluator]:
+    """The evaluator class of ``EvaluatorConfig.name`` (looked up when called)."""
+    classes = {"deepsad-cnn": DeepSADEvaluator, "deepsad-dinov2": FeatureDeepSADEvaluator}
+    if name not in classes:
+        raise EvaluatorInputError(f"evaluator name must be one of {', '.join(EVALUATORS)}, got {name!r}")
+    return classes[name]
 
 
 @dataclass(frozen=True)
@@ -149,7 +164,8 @@ def cross_fit_hardness(
 
     ``normals`` train every fold's model; ``holdout`` normals are only scored, to calibrate each fold's
     rule; ``masks`` (bool (H, W) or None per anomaly) label the defect patches. With fewer anomalies than
-    ``config.folds``, each anomaly is its own fold. ``evaluator_kwargs`` go to :class:`DeepSADEvaluator`.
+    ``config.folds``, each anomaly is its own fold. ``evaluator_kwargs`` go to the class ``config.name``
+    names (:class:`DeepSADEvaluator` or :class:`FeatureDeepSADEvaluator`).
     """
     check_images(normals, "normals")
     _check_holdout(holdout)
@@ -162,7 +178,7 @@ def cross_fit_hardness(
         return HardnessResult(empty, np.zeros(0, dtype=bool), empty, np.zeros(0, dtype=np.int64))
     folds = min(config.folds, count)
     fold = assign_folds(count, folds, np.random.default_rng(seed))
-    base = DeepSADEvaluator(config, seed=seed, **evaluator_kwargs).pretrain(normals)
+    base = evaluator_class(config.name)(config, seed=seed, **evaluator_kwargs).pretrain(normals)
     scores = np.zeros(count, dtype=np.float64)
     hardness = np.zeros(count, dtype=np.float64)
     rules: list[HardnessRule] = []
@@ -198,13 +214,16 @@ def cross_fit_hardness(
 class JudgeEvaluator:
     """A Deep SAD fitted once and then frozen, plus its calibrated rule: one yardstick for every iteration.
 
-    ``JudgeEvaluator(config, seed=...)``, then ``fit(normals, anomalies, masks, holdout)`` once, then
-    ``hardness(images)`` as often as needed; ``save`` / ``load`` keep it across a resumed run.
+    ``config.name`` picks the evaluator class. ``JudgeEvaluator(config, seed=...)``, then
+    ``fit(normals, anomalies, masks, holdout)`` once, then ``hardness(images)`` as often as needed;
+    ``save`` / ``load`` keep it across a resumed run.
     """
 
     def __init__(self, config: EvaluatorConfig | None = None, *, seed: int = 0, **evaluator_kwargs: Any):
         self.config = config or EvaluatorConfig()
-        self.evaluator = DeepSADEvaluator(self.config, seed=seed, **evaluator_kwargs)
+        self.evaluator: ConfusionModel = evaluator_class(self.config.name)(
+            self.config, seed=seed, **evaluator_kwargs
+        )
         self.rule: HardnessRule | None = None
         self.holdout_scores = np.zeros(0, dtype=np.float64)
 
@@ -242,7 +261,11 @@ class JudgeEvaluator:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.evaluator.save(directory / JUDGE_WEIGHTS)
-        data = {**self.rule.to_dict(), "holdout_scores": self.holdout_scores.tolist()}
+        data = {
+            "evaluator": self.config.name,
+            **self.rule.to_dict(),
+            "holdout_scores": self.holdout_scores.tolist(),
+        }
         tmp = directory / (JUDGE_RULE + ".tmp")
         tmp.write_text(json.dumps(data, indent=2))
         tmp.replace(directory / JUDGE_RULE)
@@ -259,9 +282,10 @@ class JudgeEvaluator:
             data = json.loads(rule_path.read_text())
             rule = HardnessRule(float(data["threshold"]), float(data["scale"]), float(data["quantile"]))
             holdout_scores = np.asarray(data["holdout_scores"], dtype=np.float64)
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+            name = str(data.get("evaluator", "deepsad-cnn"))  # judges saved before the name was recorded
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as error:
             raise EvaluatorInputError(f"{rule_path} is not a valid judge rule file: {error}") from None
-        evaluator = DeepSADEvaluator.load(directory / JUDGE_WEIGHTS)
+        evaluator = evaluator_class(name).load(directory / JUDGE_WEIGHTS)
         judge = cls(evaluator.config)
         judge.evaluator, judge.rule, judge.holdout_scores = evaluator, rule, holdout_scores
         return judge

@@ -14,6 +14,7 @@ import pytest
 import yaml
 from PIL import Image
 from tiny_diffusion import save_tiny_pipeline
+from tiny_dinov2 import save_tiny_dinov2
 from tiny_lightglue import save_tiny_lightglue
 
 from kka_synth.cli import main
@@ -48,7 +49,7 @@ def _config(tmp_path: Path, models: dict[str, Path], **overrides) -> Path:
             "matcher_device": "cpu",
             "band_quantiles": [0.0, 1.0],
         },
-        "evaluator": {"pretrain_epochs": 1, "epochs": 2, "size": 64, "crop": 32},
+        "evaluator": {"name": "deepsad-cnn", "pretrain_epochs": 1, "epochs": 2, "size": 64, "crop": 32},
         "alignment": {"enabled": False},
         **overrides,
     }
@@ -58,7 +59,9 @@ def _config(tmp_path: Path, models: dict[str, Path], **overrides) -> Path:
 
 
 def test_hub_profile_inpaints_and_filters_with_lightglue(tmp_path: Path, models: dict[str, Path]):
-    config = _config(tmp_path, models)
+    dinov2 = save_tiny_dinov2(tmp_path / "dinov2")  # the hub profile's evaluator: Deep SAD on DINOv2 features
+    evaluator = {"model": str(dinov2), "device": "cpu", "pretrain_epochs": 1, "epochs": 2}
+    config = _config(tmp_path, models, evaluator=evaluator)
     code = main(
         ["run", "--profile", "hub", "--renderer", "inpaint", "--config", str(config), "--no-progress"]
     )
@@ -67,6 +70,8 @@ def test_hub_profile_inpaints_and_filters_with_lightglue(tmp_path: Path, models:
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["config"]["profile"] == "hub"
     assert manifest["config"]["filters"]["matcher"] == "lightglue"
+    assert manifest["config"]["evaluator"]["name"] == "deepsad-dinov2"
+    assert json.loads((run / "judges" / "brick" / "judge.json").read_text())["evaluator"] == "deepsad-dinov2"
     assert json.loads((run / "calibration.json").read_text())["brick"]["matcher"] == "lightglue"
     stats = json.loads((run / "iterations" / "1" / "stats.json").read_text())
     rows = read_candidates(run / "iterations" / "1")
@@ -138,7 +143,13 @@ def test_hub_profile_with_the_transformers_proposer_and_dpo(tmp_path: Path, chat
                 "proposer": {"model": str(chat_model), "max_new_tokens": 96, "max_retries": 1, "examples": 0},
                 "render": {"renderers": ["procedural"]},
                 "filters": {"matcher": "sift", "band_quantiles": [0.0, 1.0]},
-                "evaluator": {"pretrain_epochs": 1, "epochs": 2, "size": 64, "crop": 32},
+                "evaluator": {
+                    "name": "deepsad-cnn",
+                    "pretrain_epochs": 1,
+                    "epochs": 2,
+                    "size": 64,
+                    "crop": 32,
+                },
                 "alignment": {
                     "pairs_per_prompt": 4,
                     "max_pairs": 8,
