@@ -23,12 +23,23 @@ every iteration's hard set, ``rep`` keeps the last one.
 Every stage is written atomically and marked done in the manifest; a resumed run skips finished stages,
 reloads what they wrote and redoes only the stage that was cut off. Every random choice draws from a
 generator seeded by (run seed, iteration, stage, category), so a redone stage repeats itself exactly.
+
+Under ``accelerate launch --num_processes N`` (several GPUs or nodes, one run directory on a shared file
+system) the render stage is split over the processes: each renders a contiguous share of the jobs on its own
+device, writes its images and masks (named by candidate id) and its records to ``shards/render-<rank>.jsonl``,
+and the main process merges the shards, checks that every job came back exactly once, runs the filters
+(the batch band needs a category's whole batch) and writes ``candidates.parquet``. A job's seeds do not
+depend on its process, so the merged iteration equals a one-process one. DPO trains in every process (TRL
+shards the batches); every other stage, and every write to the manifest, happens on the main process while
+the others wait and then reread the manifest.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -45,9 +56,10 @@ from kka_synth.config import RunConfig
 from kka_synth.data import DataError, load_rgb, load_samples, save_mask, save_rgb
 from kka_synth.data import load_mask as read_mask
 from kka_synth.eval.diversity import distinct_n, field_entropy, spec_key
-from kka_synth.prompts.knowledge import load_knowledge
+from kka_synth.prompts.knowledge import load_knowledge, read_user_knowledge
 from kka_synth.runs import (
     RunDir,
+    RunError,
     atomic_dir,
     atomic_write_json,
     atomic_write_text,
@@ -59,8 +71,9 @@ from kka_synth.runs import (
 from kka_synth.synth import RENDERERS, RenderError, apply_filters_batch, build_filters
 from kka_synth.synth.filters import MatchBand, band_from_dict, build_band, match_distribution
 from kka_synth.synth.perlin import random_spec
-from kka_synth.synth.stage import RenderJob, build_renderers, render_jobs, renderer_order
-from kka_synth.types import Candidate, DefectSpec, Proposal
+from kka_synth.synth.stage import RenderJob, RenderResult, build_renderers, render_jobs, renderer_order
+from kka_synth.types import Candidate, DefectSpec, PreferencePair, Proposal
+from kka_synth.utils import dist
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +84,8 @@ STAGES = ("propose", "render", "evaluate", "align")
 MIN_NORMALS = 8
 """Fewest normal training images a category needs: some fit the models, some are held out to calibrate."""
 _STAGE_INDEX = {name: i for i, name in enumerate(("prepare", *STAGES, "judge"))}
+_RENDERED = ("source_id", "renderer", "render_info", "reason", "image", "mask")
+"""The fields of a candidate's record that its render fills in (what a render shard carries)."""
 
 
 def _silent(task: str, done: int, total: int) -> None:
@@ -114,16 +129,69 @@ class KKALoop:
     def prepare(self) -> None:
         """Load normals, build the proposer, calibrate the filters and fit the fixed judges.
 
-        Each is cheap to redo or reloaded from the run directory, so a resumed run calls this again.
+        Each is cheap to redo or reloaded from the run directory, so a resumed run calls this again. Under
+        ``accelerate launch`` the main process prepares while the others wait; they then load only what
+        rendering a shard needs (the normals and the renderers).
         """
+        dist.on_main(self._prepare)
+        main = dist.world().is_main
+        if not main:
+            self.run = RunDir.load(self.run.path)
+        with dist.together():
+            if not main:
+                self._load_categories()
+                if self._renders_left():
+                    self._renderers()
+
+    def _prepare(self) -> None:
         cfg = self.config
         started = time.perf_counter()
-        samples = load_samples(cfg.data.dataset, cfg.data.root, cfg.data.categories or None)
-        names = sorted({s.category for s in samples})
+        names = self._load_categories()
         calibration_path = self.run.path / "calibration.json"
         calibration = {}
         if calibration_path.is_file():
             calibration = json.loads(calibration_path.read_text())
+        self.prompt_set = self._load_prompt_set()
+        self.proposer = build_proposer(cfg.proposer, seed=cfg.seed, knowledge_file=cfg.data.knowledge)
+        self._captions()
+        for k in range(1, cfg.iterations + 1):
+            if (
+                self.run.stage_done(f"{k}/align")
+                and (self.run.adapter_dir(k) / "adapter_config.json").is_file()
+            ):
+                self.proposer.apply_adapter(self.run.adapter_dir(k))
+        for index, (name, data) in enumerate(self.categories.items()):
+            if cfg.filters.match_band:
+                if name in calibration:
+                    data.band = band_from_dict(calibration[name], cfg.filters)
+                else:
+                    self.progress(f"calibrating the match band ({name})", 0, 1)
+                    data.band = build_band(cfg.filters)
+                    data.band.calibrate(data.fit + data.holdout, self._rng(0, "prepare", index, 1))
+                    self.progress(f"calibrating the match band ({name})", 1, 1)
+                    calibration[name] = data.band.to_dict()
+        atomic_write_json(calibration_path, calibration)
+        if self._renders_left():
+            self._renderers()  # a missing diffusion model fails here, before any judge is trained
+        self._prepare_judges()
+        if not self.run.stage_done("prepare"):
+            self.run.mark_done("prepare", time.perf_counter() - started, categories=names)
+
+    def _renders_left(self) -> bool:
+        return not all(self.run.stage_done(f"{k}/render") for k in range(1, self.config.iterations + 1))
+
+    def _load_categories(self) -> list[str]:
+        """Read each category's normals and split them into fit and holdout (seeded); returns the names."""
+        cfg = self.config
+        if cfg.data.dataset == "mvtec_ad":
+            from kka_synth.data.download import ensure_mvtec_ad
+
+            ensure_mvtec_ad(cfg.data.root, cfg.data.categories or None, progress=self.progress)
+        samples = load_samples(
+            cfg.data.dataset, cfg.data.root, cfg.data.categories or None, columns=cfg.data.hf_columns
+        )
+        user_knowledge = read_user_knowledge(cfg.data.knowledge)
+        names = sorted({s.category for s in samples})
         for index, name in enumerate(names):
             good = sorted(
                 (s for s in samples if s.category == name and s.split == "train" and s.label == 0),
@@ -144,35 +212,13 @@ class KKALoop:
                 fit=[load_rgb(s.image_path, cfg.data.image_size) for s in fit],
                 fit_ids=[f"{name}/{Path(s.image_path).stem}" for s in fit],
                 holdout=[load_rgb(s.image_path, cfg.data.image_size) for s in hold],
-                knowledge=load_knowledge(name, None if cfg.data.dataset == "folder" else cfg.data.dataset),
+                knowledge=load_knowledge(
+                    name, None if cfg.data.dataset == "folder" else cfg.data.dataset, extra=user_knowledge
+                ),
             )
             self.progress(f"loading {name}", len(good), len(good))
             self.categories[name] = data
-        self.prompt_set = self._load_prompt_set()
-        self.proposer = build_proposer(cfg.proposer, seed=cfg.seed)
-        self._captions()
-        for k in range(1, cfg.iterations + 1):
-            if (
-                self.run.stage_done(f"{k}/align")
-                and (self.run.adapter_dir(k) / "adapter_config.json").is_file()
-            ):
-                self.proposer.apply_adapter(self.run.adapter_dir(k))
-        for index, (name, data) in enumerate(self.categories.items()):
-            if cfg.filters.match_band:
-                if name in calibration:
-                    data.band = band_from_dict(calibration[name], cfg.filters)
-                else:
-                    self.progress(f"calibrating the match band ({name})", 0, 1)
-                    data.band = build_band(cfg.filters)
-                    data.band.calibrate(data.fit + data.holdout, self._rng(0, "prepare", index, 1))
-                    self.progress(f"calibrating the match band ({name})", 1, 1)
-                    calibration[name] = data.band.to_dict()
-        atomic_write_json(calibration_path, calibration)
-        if not all(self.run.stage_done(f"{k}/render") for k in range(1, cfg.iterations + 1)):
-            self._renderers()  # a missing diffusion model fails here, before any judge is trained
-        self._prepare_judges()
-        if not self.run.stage_done("prepare"):
-            self.run.mark_done("prepare", time.perf_counter() - started, categories=names)
+        return names
 
     def _load_prompt_set(self) -> PromptSet:
         """The run's prompt set: copied into the run directory on first use, so a resumed run keeps it."""
@@ -254,13 +300,20 @@ class KKALoop:
             if self.run.stage_done(f"{k}/{stage}"):
                 continue
             started = time.perf_counter()
-            info = getattr(self, f"_{stage}")(k, folder) or {}
+            work = getattr(self, f"_{stage}")
+            # render and align run in every process (each returns its info on the main one); the rest on main
+            info = (work(k, folder) if stage in ("render", "align") else dist.on_main(work, k, folder)) or {}
             seconds[stage] = time.perf_counter() - started
-            self.run.mark_done(f"{k}/{stage}", seconds[stage], **info)
-        stats = self._stats(k, folder, seconds)
-        atomic_write_json(folder / "stats.json", stats)
-        self.run.mark_done(f"{k}/stats", 0.0)
-        return stats
+            self._mark_done(f"{k}/{stage}", seconds[stage], **info)
+        stats = dist.on_main(self._write_stats, k, folder, seconds)
+        self._mark_done(f"{k}/stats", 0.0)
+        return stats if stats is not None else json.loads((folder / "stats.json").read_text())
+
+    def _mark_done(self, key: str, seconds: float, **info: Any) -> None:
+        """Mark a stage done in the manifest (the main process writes it, the others then reread it)."""
+        dist.on_main(self.run.mark_done, key, seconds, **info)
+        if not dist.world().is_main:
+            self.run = RunDir.load(self.run.path)
 
     def _propose(self, k: int, folder: Path) -> dict[str, Any]:
         rows = []
@@ -298,7 +351,6 @@ class KKALoop:
         rows = read_jsonl(folder / "proposals.jsonl")
         cfg = self.config
         renderers = self._renderers()
-        filters = {name: build_filters(cfg.filters, band=data.band) for name, data in self.categories.items()}
         cat_index = {name: i for i, name in enumerate(self.categories)}
         out, jobs = [], []
         for i, row in enumerate(rows):
@@ -333,40 +385,104 @@ class KKALoop:
                     cfg.render.renderers, cfg.render.weights, self._rng(k, "render", cat_index[name], i, 1)
                 )
                 jobs.append(RenderJob(i, name, proposal.spec, source, rng, order))
-        results = render_jobs(
-            jobs,
-            renderers,
-            {name: data.fit for name, data in self.categories.items()},
-            progress=lambda done, total: self.progress(f"iteration {k}: rendering", done, total),
-        )
+        world = dist.world()
+        kept: dict[int, tuple[int, np.ndarray, np.ndarray | None]] = {}
+        with dist.together():
+            results = render_jobs(
+                dist.shard(jobs),
+                renderers,
+                {name: data.fit for name, data in self.categories.items()},
+                progress=lambda done, total: self.progress(f"iteration {k}: rendering", done, total),
+            )
+            for result in results:
+                rendered = self._keep_render(folder, out[result.job.key], result)
+                if rendered is not None:
+                    kept[result.job.key] = rendered
+            if world.size > 1:
+                shard = [
+                    {"key": r.job.key, "source": kept.get(r.job.key, (None,))[0]}
+                    | {field: out[r.job.key][field] for field in _RENDERED}
+                    for r in results
+                ]
+                write_jsonl(folder / "shards" / f"render-{world.rank}.jsonl", shard)
+        if world.size > 1:
+            return dist.on_main(self._merge_renders, k, folder, rows, out) or {}
+        return self._judge_renders(k, folder, rows, out, kept)
+
+    def _keep_render(
+        self, folder: Path, record: dict[str, Any], result: RenderResult
+    ) -> tuple[int, np.ndarray, np.ndarray | None] | None:
+        """Fill ``record`` from a render result and save its image and mask; (source, image, mask) if any."""
+        job = result.job
+        record["render_info"] = {"tried": job.tried, "errors": job.errors}
+        if result.output is None:
+            record["reason"] = result.reason
+            return None
+        data, output = self.categories[job.category], result.output
+        source = job.source if output.source is None else output.source
+        record["source_id"] = data.fit_ids[source]
+        record["renderer"] = result.renderer
+        record["render_info"].update(output.info)
+        record["image"] = f"images/{record['id']}.png"
+        save_rgb(folder / record["image"], output.image)
+        if output.mask is not None:
+            record["mask"] = f"masks/{record['id']}.png"
+            save_mask(folder / record["mask"], output.mask)
+        return source, output.image, output.mask
+
+    def _merge_renders(
+        self, k: int, folder: Path, rows: list[dict[str, Any]], out: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """Main process: fold every process's render shard into ``out``, then filter and write as one."""
+        shards = folder / "shards"
+        entries = [
+            e for rank in range(dist.world().size) for e in read_jsonl(shards / f"render-{rank}.jsonl")
+        ]
+        counts = Counter(entry["key"] for entry in entries)
+        expected = {i for i, record in enumerate(out) if record["spec"] is not None}
+        missing, twice = expected - counts.keys(), [key for key, n in counts.items() if n > 1]
+        unknown = counts.keys() - expected
+        if missing or twice or unknown:
+            raise RunError(
+                f"iteration {k}: the render shards in {shards} do not add up: {len(missing)} job(s) missing, "
+                f"{len(twice)} rendered more than once, {len(unknown)} unknown"
+            )
+        kept: dict[int, tuple[int, np.ndarray, np.ndarray | None]] = {}
+        for entry in sorted(entries, key=lambda e: e["key"]):
+            record = out[entry["key"]]
+            record.update({field: entry[field] for field in _RENDERED})
+            if record["image"] is not None:
+                mask = None if record["mask"] is None else read_mask(folder / record["mask"])
+                kept[entry["key"]] = (entry["source"], load_rgb(folder / record["image"]), mask)
+        info = self._judge_renders(k, folder, rows, out, kept)
+        shutil.rmtree(shards)
+        return info
+
+    def _judge_renders(
+        self,
+        k: int,
+        folder: Path,
+        rows: list[dict[str, Any]],
+        out: list[dict[str, Any]],
+        kept: dict[int, tuple[int, np.ndarray, np.ndarray | None]],
+    ) -> dict[str, Any]:
+        """Run the filters over each category's renders (``kept``: key -> source, image, mask) and write."""
+        cfg = self.config
         judged: dict[str, list[tuple[dict[str, Any], np.ndarray, Candidate]]] = {}
-        for result in results:
-            record, job = out[result.job.key], result.job
-            record["render_info"] = {"tried": job.tried, "errors": job.errors}
-            if result.output is None:
-                record["reason"] = result.reason
-                continue
-            data, output = self.categories[job.category], result.output
-            source = job.source if output.source is None else output.source
-            record["source_id"] = data.fit_ids[source]
-            record["renderer"] = result.renderer
-            record["render_info"].update(output.info)
+        for key, (source, image, mask) in kept.items():
+            record = out[key]
             proposal = Proposal.from_dict(
-                {key: rows[job.key][key] for key in ("prompt", "text", "spec", "error")}
+                {field: rows[key][field] for field in ("prompt", "text", "spec", "error")}
             )
             candidate = Candidate(
-                record["id"], k, proposal, record["source_id"], output.image, output.mask, result.renderer
+                record["id"], k, proposal, record["source_id"], image, mask, record["renderer"]
             )
-            judged.setdefault(job.category, []).append((record, data.fit[source], candidate))
-            record["image"] = f"images/{record['id']}.png"
-            save_rgb(folder / record["image"], output.image)
-            if output.mask is not None:
-                record["mask"] = f"masks/{record['id']}.png"
-                save_mask(folder / record["mask"], output.mask)
+            data = self.categories[record["category"]]
+            judged.setdefault(record["category"], []).append((record, data.fit[source], candidate))
         for name, items in judged.items():
             self.progress(f"iteration {k}: filtering ({name})", 0, 1)
             verdicts = apply_filters_batch(
-                filters[name],
+                build_filters(cfg.filters, band=self.categories[name].band),
                 [source for _, source, _ in items],
                 [candidate for _, _, candidate in items],
                 batch_band=cfg.filters.batch_band,
@@ -424,6 +540,84 @@ class KKALoop:
         return {"scored": sum(r["hardness"] is not None for r in rows)}
 
     def _align(self, k: int, folder: Path) -> dict[str, Any]:
+        pairs, info, train = dist.broadcast(dist.on_main(self._pair_up, k, folder))
+        if not train:
+            return info
+        from kka_synth.alignment.dpo import train_dpo
+
+        world = dist.world()
+        processes = self.config.alignment.processes
+        if processes and world.size > 1:
+            if world.is_main:
+                logger.warning(
+                    "alignment.processes is ignored under accelerate launch: DPO trains in the %d processes",
+                    world.size,
+                )
+            processes = 0
+        self.progress(f"iteration {k}: DPO", 0, 1)
+        # every process trains into the main one's temporary folder (TRL shards the batches; only the main
+        # process saves), and the main one renames it into place once all are done
+        adapter = atomic_dir(self.run.adapter_dir(k)) if world.is_main else contextlib.nullcontext()
+        with adapter as tmp:
+            tmp = dist.broadcast(tmp)
+            if processes:
+                import torch
+
+                from kka_synth.alignment.launch import run_workers
+
+                result = run_workers(
+                    self.run.path,
+                    k,
+                    tmp,
+                    self._seed(k, "align"),
+                    processes,
+                    cpu=not torch.cuda.is_available(),
+                )
+            else:
+                with dist.together():  # loading is where one process may fail alone: then all stop here
+                    model, tokenizer, start = self._training_inputs(k)
+                # TRL's own collectives run in here, so a process that fails ends the launch as a whole
+                trained = train_dpo(
+                    model,
+                    tokenizer,
+                    pairs,
+                    self.config.alignment,
+                    tmp,
+                    seed=self._seed(k, "align"),
+                    start_adapter=start,
+                )
+                result = {
+                    key: getattr(trained, key)
+                    for key in ("steps", "train_loss", "margin_before", "margin_after")
+                }
+            dist.barrier()
+        if not world.is_main:
+            return info
+        self.proposer.apply_adapter(self.run.adapter_dir(k))
+        self.progress(f"iteration {k}: DPO", 1, 1)
+        losses = result["train_loss"]
+        info.update(
+            steps=result["steps"],
+            margin_before=result["margin_before"],
+            margin_after=result["margin_after"],
+            loss=float(np.mean(losses)) if len(losses) else None,
+            processes=processes or world.size,
+        )
+        return info
+
+    def _training_inputs(self, k: int) -> tuple[Any, Any, Path | None]:
+        """(model, tokenizer, adapter to continue) for DPO round ``k``: the proposer's own on the main
+        process; the other processes, which hold no proposer, rebuild them from the run directory."""
+        if dist.world().is_main:
+            model, start = self.proposer.training_model()
+            return model, self.proposer.tokenizer, start
+        from kka_synth.alignment.launch import training_inputs
+
+        return training_inputs(self.config, self.run.path, k)
+
+    def _pair_up(self, k: int, folder: Path) -> tuple[list[PreferencePair], dict[str, Any], bool]:
+        """Main process: this round's preference pairs (written to pairs.jsonl), its info, and whether DPO
+        trains on them."""
         rows = read_candidates(folder)
         items = []
         for r in rows:
@@ -441,58 +635,20 @@ class KKALoop:
         if not self.config.alignment.enabled or not pairs:
             if self.config.alignment.enabled:
                 logger.warning("iteration %d: no preference pairs, so no DPO round", k)
-            return info
+            return pairs, info, False
         if not getattr(self.proposer, "trainable", False):
             note = f"proposer backend {self.config.proposer.backend!r} is not trainable; DPO round skipped"
             logger.warning("iteration %d: %s", k, note)
             info["note"] = note
-            return info
-        from kka_synth.alignment.dpo import train_dpo
-
-        self.progress(f"iteration {k}: DPO", 0, 1)
-        processes = self.config.alignment.processes
-        with atomic_dir(self.run.adapter_dir(k)) as tmp:
-            if processes:
-                import torch
-
-                from kka_synth.alignment.launch import run_workers
-
-                result = run_workers(
-                    self.run.path,
-                    k,
-                    tmp,
-                    self._seed(k, "align"),
-                    processes,
-                    cpu=not torch.cuda.is_available(),
-                )
-            else:
-                model, start = self.proposer.training_model()
-                trained = train_dpo(
-                    model,
-                    self.proposer.tokenizer,
-                    pairs,
-                    self.config.alignment,
-                    tmp,
-                    seed=self._seed(k, "align"),
-                    start_adapter=start,
-                )
-                result = {
-                    key: getattr(trained, key)
-                    for key in ("steps", "train_loss", "margin_before", "margin_after")
-                }
-        self.proposer.apply_adapter(self.run.adapter_dir(k))
-        self.progress(f"iteration {k}: DPO", 1, 1)
-        losses = result["train_loss"]
-        info.update(
-            steps=result["steps"],
-            margin_before=result["margin_before"],
-            margin_after=result["margin_after"],
-            loss=float(np.mean(losses)) if len(losses) else None,
-            processes=processes or 1,
-        )
-        return info
+            return pairs, info, False
+        return pairs, info, True
 
     # stats and curation ------------------------------------------------------------------------------
+    def _write_stats(self, k: int, folder: Path, seconds: dict[str, float]) -> dict[str, Any]:
+        stats = self._stats(k, folder, seconds)
+        atomic_write_json(folder / "stats.json", stats)
+        return stats
+
     def _stats(self, k: int, folder: Path, seconds: dict[str, float]) -> dict[str, Any]:
         rows = read_candidates(folder)
         specs = [DefectSpec.from_dict(r["spec"]) for r in rows if r["spec"] is not None]
@@ -605,12 +761,16 @@ def _diversity_key(proposal: Proposal) -> object:
 def run_loop(
     config: RunConfig, resume: bool = False, progress: Progress | None = None
 ) -> list[dict[str, Any]]:
-    """Run (or resume) the whole loop and curate; returns each iteration's stats."""
-    run = RunDir.open(config, resume=resume)
-    loop = KKALoop(run, progress)
+    """Run (or resume) the whole loop and curate; returns each iteration's stats.
+
+    Under ``accelerate launch`` every process calls this: the main one opens the run directory and the
+    others then load it (see the module notes for what runs where).
+    """
+    run = dist.on_main(RunDir.open, config, resume=resume)
+    loop = KKALoop(run if run is not None else RunDir.load(config.run_dir), progress)
     loop.prepare()
     stats = [loop.iterate(k) for k in range(1, loop.config.iterations + 1)]
-    loop.curate()
+    dist.on_main(loop.curate)
     return stats
 
 

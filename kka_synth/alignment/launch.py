@@ -39,10 +39,12 @@ def launch_command(run_dir: Path, k: int, out_dir: Path, seed: int, processes: i
     accelerate = shutil.which("accelerate") or str(Path(sys.executable).with_name("accelerate"))
     command = [accelerate, "launch", "--num_processes", str(processes), "--num_machines", "1"]
     command += ["--mixed_precision", "no", "--dynamo_backend", "no"]
-    if cpu:
-        command.append("--cpu")
-    elif processes > 1:
+    # --multi_gpu is what starts N processes, over NCCL on GPUs and gloo on a CPU-only machine; --cpu alone
+    # starts a single one
+    if processes > 1:
         command.append("--multi_gpu")
+    elif cpu:
+        command.append("--cpu")
     return [*command, "-m", "kka_synth.alignment.launch", str(run_dir), str(k), str(out_dir), str(seed)]
 
 
@@ -73,7 +75,7 @@ def training_inputs(config: RunConfig, run_dir: Path, k: int) -> tuple[Any, Any,
     if config.proposer.backend == "compact":
         from kka_synth.agents import build_proposer
 
-        proposer = build_proposer(config.proposer, seed=config.seed)
+        proposer = build_proposer(config.proposer, seed=config.seed, knowledge_file=config.data.knowledge)
         for path in adapters:
             proposer.apply_adapter(path)
         return proposer.model, proposer.tokenizer, None
