@@ -5,16 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from kka_synth.config import (
     DATASETS,
+    EVALUATORS,
+    HF_PREFIX,
     MODES,
     PROFILES,
     PROPOSER_BACKENDS,
@@ -22,7 +23,6 @@ from kka_synth.config import (
     VARIANTS,
     ConfigError,
     RunConfig,
-    profile_defaults,
 )
 
 logger = logging.getLogger("kka_synth")
@@ -55,6 +55,17 @@ examples:
 """
 
 
+PUBLISH_HELP = """\
+Publish a run as a Hugging Face dataset: image and mask columns with each defect's spec, hardness, iteration,
+renderer and source image, one split per category (or iteration), and a dataset card with the provenance
+(models, config, seeds, versions), the hard-share curve and the source images' licence. The token comes
+from --token-env or huggingface_hub's login and is never written to the run, the logs or the card.
+
+examples:
+  kka-synth publish runs/demo --dry-run publish-preview      the exact files, nothing uploaded
+  kka-synth publish runs/mvtec --repo-id me/mvtec-hard-defects --private
+"""
+
 CHAT_HELP = """\
 Talk to the agent that writes defect specs: constrain them ("exclude stains", "only the top-left",
 "size < 2%"), ask for proposals and rendered previews ("show me three"), approve the good ones, save the set,
@@ -83,7 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
         description=RUN_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument("--dataset", choices=DATASETS, help="Dataset layout; demo is built in (default: demo).")
+    run.add_argument(
+        "--dataset",
+        type=_dataset,
+        metavar="D",
+        help=f"Dataset: {', '.join(DATASETS)}, or hf:ORG/NAME for a Hugging Face mirror (columns in "
+        "data.hf_columns); demo is built in (default: demo).",
+    )
     run.add_argument("--data-root", metavar="P", help="Folder that holds the dataset (not needed for demo).")
     run.add_argument(
         "--category",
@@ -116,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--matcher", choices=("sift", "lightglue"), help="Keypoint matcher of the match-count band."
     )
+    run.add_argument(
+        "--evaluator",
+        choices=EVALUATORS,
+        help="Confusion evaluator: a small CNN trained from scratch (offline default) or a Deep SAD head on "
+        "frozen DINOv2 features (hub default).",
+    )
     _proposer_flags(run)
     run.add_argument(
         "--prompts",
@@ -130,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="Continue OUT/NAME from its last finished stage.")
     run.add_argument("--config", metavar="run.yaml", help="A YAML file of RunConfig fields.")
     run.add_argument("--no-progress", action="store_true", help="No progress bars.")
+    _trust_flag(run)
 
     chat = commands.add_parser(
         "chat",
@@ -151,12 +175,59 @@ def build_parser() -> argparse.ArgumentParser:
         "--preview-dir", metavar="DIR", help="Where previews go (default: RUN_DIR/previews or previews)."
     )
     chat.add_argument(
-        "--dataset", choices=DATASETS, help="Dataset layout when no --run is given (default: demo)."
+        "--dataset", type=_dataset, metavar="D", help="Dataset when no --run is given (default: demo)."
     )
     chat.add_argument("--data-root", metavar="P", help="Folder that holds the dataset (not needed for demo).")
     chat.add_argument("--profile", choices=PROFILES, help="offline (default) or hub, when no --run is given.")
     chat.add_argument("--config", metavar="run.yaml", help="A YAML file of RunConfig fields.")
     _proposer_flags(chat)
+    _trust_flag(chat)
+
+    publish = commands.add_parser(
+        "publish",
+        help="Publish a run as a Hugging Face dataset with a dataset card (or --dry-run to a folder).",
+        description=PUBLISH_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    publish.add_argument("run_dir", metavar="RUN_DIR", help="A run directory written by `kka-synth run`.")
+    publish.add_argument("--repo-id", metavar="USER/NAME", help="Dataset repository on the Hub.")
+    publish.add_argument("--private", action="store_true", help="Create the repository private.")
+    publish.add_argument(
+        "--include",
+        choices=("curated", "all"),
+        default="curated",
+        help="curated: the curated hard set (default); all: every kept candidate, hard and easy.",
+    )
+    publish.add_argument(
+        "--split-by", choices=("category", "iteration"), default="category", help="One split per ... ."
+    )
+    publish.add_argument(
+        "--token-env",
+        metavar="VAR",
+        default="HF_TOKEN",
+        help="Environment variable with the Hub token (else huggingface_hub's login); never written.",
+    )
+    publish.add_argument(
+        "--dry-run",
+        metavar="DIR",
+        help="Write the exact files that would be uploaded to DIR; upload nothing.",
+    )
+    publish.add_argument("--license", metavar="ID", help="Licence id for the card (default: the dataset's).")
+    publish.add_argument("--no-progress", action="store_true", help="No progress bars.")
+
+    export = commands.add_parser(
+        "export",
+        help="Write a run's synthetic defects in a layout other tools read (anomalib's Folder/MVTec).",
+    )
+    export.add_argument("run_dir", metavar="RUN_DIR", help="A run directory written by `kka-synth run`.")
+    export.add_argument("out_dir", metavar="DIR", help="New or empty folder to write.")
+    export.add_argument("--format", choices=("mvtec",), default="mvtec", help="Layout (default: mvtec).")
+    export.add_argument(
+        "--include",
+        choices=("curated", "all"),
+        default="curated",
+        help="curated: the curated hard set (default); all: every kept candidate.",
+    )
 
     evaluate = commands.add_parser(
         "eval",
@@ -181,7 +252,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--image-size", type=int, metavar="PX", help="Side detectors work at (default: run's)."
     )
     evaluate.add_argument("--no-progress", action="store_true", help="No progress bars.")
+    _trust_flag(evaluate)
     return parser
+
+
+def _trust_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="Let Hub models run their own Python code (off by default; only for models you trust).",
+    )
 
 
 def _proposer_flags(parser: argparse.ArgumentParser) -> None:
@@ -196,6 +276,12 @@ def _proposer_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--base-url", metavar="URL", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1."
     )
+
+
+def _dataset(text: str) -> str:
+    if text in DATASETS or (text.startswith(HF_PREFIX) and len(text) > len(HF_PREFIX)):
+        return text
+    raise argparse.ArgumentTypeError(f"expected one of {', '.join(DATASETS)} or hf:ORG/NAME, got {text!r}")
 
 
 def _names(text: str) -> list[str]:
@@ -226,26 +312,13 @@ def _renderer_mix(text: str) -> tuple[list[str], list[float] | None]:
     return names, (given or None)
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """Profile defaults, then the config file, then the flags."""
-    file_data: dict[str, Any] = {}
-    if args.config:
-        RunConfig.from_yaml(args.config)  # one-line errors for a bad file before anything is merged
-        # the file's own fields only, so the profile's defaults still apply to what it leaves out
-        file_data = yaml.safe_load(Path(args.config).read_text()) or {}
-    profile = args.profile or file_data.get("profile", "offline")
-    data = _merge(profile_defaults(profile), file_data)
-    flags: dict[str, Any] = {"profile": profile}
+    """Profile defaults, then the config file, then the flags (see :func:`kka_synth.api.make_config`)."""
+    from kka_synth.api import make_config
+
+    flags: dict[str, Any] = {}
+    if args.profile:
+        flags["profile"] = args.profile
     section: dict[str, Any] = {}
     if args.dataset:
         section["dataset"] = args.dataset
@@ -274,10 +347,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         flags["render"] = {"renderers": args.renderer[0], "weights": args.renderer[1]}
     if getattr(args, "matcher", None) is not None:
         flags["filters"] = {"matcher": args.matcher}
-    data = _merge(data, flags)
-    if getattr(args, "name", None) is None and not args.config:
-        data["name"] = data.get("data", {}).get("dataset", "demo")
-    return RunConfig.from_dict(data)
+    if getattr(args, "evaluator", None) is not None:
+        flags["evaluator"] = {"name": args.evaluator}
+    return make_config(args.config, **flags)
 
 
 def _progress_bars(enabled: bool):  # noqa: ANN202 - returns a context manager and a callback
@@ -360,6 +432,8 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from kka_synth.agents.constraints import ConstraintError
     from kka_synth.agents.llm import ProposerError
     from kka_synth.data import DataError
+    from kka_synth.data.export import ExportError
+    from kka_synth.hub import PublishError
     from kka_synth.runs import RunError
     from kka_synth.utils.hub import ModelLoadError
 
@@ -367,6 +441,8 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
         ConfigError,
         ConstraintError,
         DataError,
+        ExportError,
+        PublishError,
         RunError,
         ModelLoadError,
         ProposerError,
@@ -399,6 +475,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries(args.verbose)
+    if getattr(args, "trust_remote_code", False):
+        # an environment variable, so accelerate workers and subprocesses inherit the choice
+        os.environ["KKA_SYNTH_TRUST_REMOTE_CODE"] = "1"
     try:
         if args.command == "run":
             return _run(args)
@@ -406,6 +485,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _eval(args)
         if args.command == "chat":
             return _chat(args)
+        if args.command == "publish":
+            return _publish(args)
+        if args.command == "export":
+            return _export(args)
     except _bad_input_errors() as error:
         print(f"kka-synth: error: {error}", file=sys.stderr)
         return 2
@@ -418,14 +501,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from kka_synth.loop import run_loop
+    from kka_synth.api import run
+    from kka_synth.utils.dist import world
 
     config = config_from_args(args)
-    bars, update = _progress_bars(enabled=not args.no_progress and sys.stderr.isatty())
+    main_process = world().is_main  # under accelerate launch only the main process draws and reports
+    bars, update = _progress_bars(enabled=main_process and not args.no_progress and sys.stderr.isatty())
     with bars:
-        stats = run_loop(config, resume=args.resume, progress=update)
-    _summary(stats)
-    report = write_report(config.run_dir)
+        finished = run(config, resume=args.resume, progress=update)
+    if not main_process:
+        return 0
+    _summary(finished.stats())
+    report = finished.report()
     print(f"run directory: {config.run_dir}")
     print(f"report: {report}")
     return 0
@@ -434,6 +521,7 @@ def _run(args: argparse.Namespace) -> int:
 def _chat(args: argparse.Namespace) -> int:
     from kka_synth.agents.chat import ChatSession
     from kka_synth.agents.chat_intent import IntentChat, repl
+    from kka_synth.api import make_config
     from kka_synth.runs import RunError
 
     run_dir = Path(args.run) if args.run else None
@@ -441,8 +529,8 @@ def _chat(args: argparse.Namespace) -> int:
         manifest = run_dir / "manifest.json"
         if not manifest.is_file():
             raise RunError(f"not a run directory: {run_dir} (no manifest.json)")
-        data = _merge(json.loads(manifest.read_text())["config"], _proposer_overrides(args))
-        config = RunConfig.from_dict(data)
+        stored = RunConfig.from_dict(json.loads(manifest.read_text())["config"])
+        config = make_config(stored, **_proposer_overrides(args))
     else:
         config = config_from_args(args)
     prompts = Path(args.prompts)
@@ -482,22 +570,58 @@ def _proposer_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {"proposer": proposer} if proposer else {}
 
 
-def _eval(args: argparse.Namespace) -> int:
-    from kka_synth.eval.protocol import evaluate_run
+def _publish(args: argparse.Namespace) -> int:
+    from kka_synth.api import publish
 
-    overrides = {
-        key: value
-        for key, value in (
-            ("detectors", args.detectors),
-            ("variants", args.variants),
-            ("seeds", args.seeds),
-            ("image_size", args.image_size),
-        )
-        if value is not None
-    }
+    if args.repo_id is None and args.dry_run is None:
+        raise ConfigError("publish needs --repo-id USER/NAME (or --dry-run DIR to write the files locally)")
     bars, update = _progress_bars(enabled=not args.no_progress and sys.stderr.isatty())
     with bars:
-        summary = evaluate_run(args.run_dir, overrides, progress=update)
+        result = publish(
+            args.run_dir,
+            args.repo_id,
+            private=args.private,
+            include=args.include,
+            split_by=args.split_by,
+            token_env=args.token_env,
+            dry_run=args.dry_run,
+            license=args.license,
+            progress=update,
+        )
+    for split, rows in result.rows.items():
+        print(f"{split}: {rows} rows")
+    if result.dry_run_dir is not None:
+        print(f"dry run: {len(result.files)} files in {result.dry_run_dir}")
+    else:
+        print(f"published: {result.url}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from kka_synth.api import export
+
+    result = export(args.run_dir, args.out_dir, format=args.format, include=args.include)
+    for category, folders in result.counts.items():
+        print(f"{category}: " + ", ".join(f"{folder} {count}" for folder, count in folders.items()))
+    if result.skipped:
+        print("skipped: " + ", ".join(f"{reason} {count}" for reason, count in result.skipped.items()))
+    print(f"{result.anomalies} synthetic defects written to {result.out_dir}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from kka_synth.api import evaluate
+
+    bars, update = _progress_bars(enabled=not args.no_progress and sys.stderr.isatty())
+    with bars:
+        summary = evaluate(
+            args.run_dir,
+            detectors=args.detectors,
+            variants=args.variants,
+            seeds=args.seeds,
+            image_size=args.image_size,
+            progress=update,
+        )
     _metrics_tables(summary)
     report = write_report(args.run_dir)
     print(f"metrics: {Path(args.run_dir) / 'metrics.json'}")
