@@ -432,6 +432,7 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from kka_synth.agents.constraints import ConstraintError
     from kka_synth.agents.llm import ProposerError
     from kka_synth.data import DataError
+    from kka_synth.data.download import DownloadError
     from kka_synth.data.export import ExportError
     from kka_synth.hub import PublishError
     from kka_synth.runs import RunError
@@ -441,6 +442,7 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
         ConfigError,
         ConstraintError,
         DataError,
+        DownloadError,
         ExportError,
         PublishError,
         RunError,

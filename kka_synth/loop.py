@@ -65,6 +65,7 @@ from kka_synth.runs import (
     atomic_write_text,
     read_candidates,
     read_jsonl,
+    safe_component,
     write_candidates,
     write_jsonl,
 )
@@ -183,7 +184,8 @@ class KKALoop:
     def _load_categories(self) -> list[str]:
         """Read each category's normals and split them into fit and holdout (seeded); returns the names."""
         cfg = self.config
-        if cfg.data.dataset == "mvtec_ad":
+        if cfg.data.dataset == "mvtec_ad" and cfg.data.root and Path(cfg.data.root).is_dir():
+            # an existing empty folder asks for the download; a missing one is more likely a typo
             from kka_synth.data.download import ensure_mvtec_ad
 
             ensure_mvtec_ad(cfg.data.root, cfg.data.categories or None, progress=self.progress)
@@ -266,7 +268,7 @@ class KKALoop:
     def _prepare_judges(self) -> None:
         perlin = RENDERERS["perlin"]()
         for index, (name, data) in enumerate(self.categories.items()):
-            folder = self.run.path / "judges" / name
+            folder = self.run.path / "judges" / safe_component(name)
             if (folder / "judge.json").is_file():
                 data.judge = JudgeEvaluator.load(folder)
                 continue
@@ -717,11 +719,15 @@ class KKALoop:
                     if r["label"] != "hard":
                         continue
                     defect = r["spec"]["defect_type"]
-                    image = tmp / r["category"] / "test" / defect / f"{r['id']}.png"
+                    # category and defect type come from data and specs: neither may lead out of the set
+                    category, defect = safe_component(r["category"]), safe_component(defect)
+                    image = tmp / category / "test" / defect / safe_component(f"{r['id']}.png")
                     save_rgb(image, load_rgb(folder / r["image"]))
                     mask = None
                     if r["mask"] is not None:
-                        mask = tmp / r["category"] / "ground_truth" / defect / f"{r['id']}_mask.png"
+                        mask = (
+                            tmp / category / "ground_truth" / defect / safe_component(f"{r['id']}_mask.png")
+                        )
                         save_mask(mask, read_mask(folder / r["mask"]))
                     index.append(
                         {

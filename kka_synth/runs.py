@@ -10,19 +10,30 @@ Layout (DESIGN.md)::
 
 Every file is written to a temporary name in the same folder and renamed into place, so a killed run leaves
 either the old file or the new one, never half of one. A stage is marked done in the manifest only after
-its outputs are written; ``resume`` skips stages marked done and redoes the one that was cut off.
+its outputs are written; ``resume`` skips stages marked done, redoes the one that was cut off, and first
+removes the temporary files and folders a killed process left behind. A write that fails because the disk
+is full, the quota is spent or the folder is read-only or not writable raises a one-line :class:`RunError`
+("cannot write <path>: no space left on device") and leaves the previous file as it was, so the run can be
+resumed once there is room.
+
+Names that come from data (categories, defect types, candidate ids) become path components only through
+:func:`safe_component`, and paths built from them are checked with :func:`inside`, so nothing a dataset or a
+model writes can place a file outside the run directory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.metadata
 import json
+import logging
 import os
 import platform
 import shutil
 import tempfile
 import time
+import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +42,16 @@ import numpy as np
 
 from kka_synth.config import RunConfig
 
+logger = logging.getLogger(__name__)
+
 MANIFEST = "manifest.json"
+WRITE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
+)
+"""errno values of a failed write that say something about the disk or the folder, not about the program:
+they become a one-line :class:`RunError` naming the path."""
+_TEMP_FILE_SUFFIX = ".tmp"
+_TEMP_DIR_MARKERS = (".partial-", ".old-")
 _VERSIONED = ("kka-synth", "torch", "transformers", "trl", "peft", "numpy", "opencv-python-headless")
 
 
@@ -39,20 +59,37 @@ class RunError(ValueError):
     """The run directory cannot be used as asked (exists without --resume, missing on resume, ...)."""
 
 
+def write_error(path: str | Path, error: OSError) -> RunError:
+    """The one-line :class:`RunError` for a write of ``path`` that failed with ``error``:
+    "cannot write <path>: no space left on device". Callers raise it for :data:`WRITE_ERRNOS` only."""
+    reason = os.strerror(error.errno).lower() if error.errno else str(error).strip() or type(error).__name__
+    return RunError(f"cannot write {path}: {reason}")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
+
+    On a full disk, a spent quota or a read-only folder it raises :class:`RunError` (see
+    :func:`write_error`); ``path`` then still holds what it held before, and no temporary file is left.
+    """
+    tmp: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TEMP_FILE_SUFFIX, dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        tmp = None
+    except OSError as error:
+        if error.errno in WRITE_ERRNOS:
+            raise write_error(path, error) from None
         raise
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -75,17 +112,97 @@ def _json_default(value: Any) -> Any:
 
 @contextlib.contextmanager
 def atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; on success it replaces ``path`` in one rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    """Yield a temporary folder beside ``path``; when the block succeeds the folder takes ``path``'s place.
+
+    An existing ``path`` is renamed aside first and removed after the swap, so a kill leaves the old folder,
+    the new one, or (between the two renames) none, never a half-written one; callers mark their stage done
+    only after the block, so a resumed run writes the folder again. A full disk or read-only folder, in the
+    swap or in a write inside the block, raises :class:`RunError` naming ``path``.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}{_TEMP_DIR_MARKERS[0]}", dir=path.parent))
+    except OSError as error:
+        if error.errno in WRITE_ERRNOS:
+            raise write_error(path, error) from None
+        raise
     try:
         yield tmp
+        aside = None
         if path.exists():
-            shutil.rmtree(path)
+            aside = tmp.with_name(tmp.name.replace(_TEMP_DIR_MARKERS[0], _TEMP_DIR_MARKERS[1], 1))
+            os.replace(path, aside)
         os.replace(tmp, path)
+        if aside is not None:
+            _remove(aside)
+    except OSError as error:
+        if error.errno in WRITE_ERRNOS:
+            raise write_error(path, error) from None
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def remove_stale_temps(root: Path) -> int:
+    """Delete the temporary files (``*.tmp``) and folders (``.<name>.partial-*``, ``.<name>.old-*``) that
+    killed writers left under ``root``; returns how many were removed. Symbolic links are not followed.
+
+    Only for a run directory no other process is writing to (``RunDir.open`` calls it on resume).
+    """
+    removed = 0
+    for folder, dirnames, filenames in os.walk(root):
+        for name in filenames:
+            if name.endswith(_TEMP_FILE_SUFFIX):
+                _remove(Path(folder) / name)
+                removed += 1
+        for name in list(dirnames):
+            if name.startswith(".") and any(marker in name for marker in _TEMP_DIR_MARKERS):
+                _remove(Path(folder) / name)
+                dirnames.remove(name)
+                removed += 1
+    return removed
+
+
+def safe_component(name: str) -> str:
+    """``name`` when it can be one path component inside a folder, else a one-line :class:`RunError`.
+
+    Refused: empty names, ``.`` and ``..``, path separators (``/`` and ``\\``), NUL and other control
+    characters, names that are not valid UTF-8 and names longer than 255 bytes. Nothing is repaired: a
+    refused name stays refused, so two different names never map to one file.
+    """
+    if not isinstance(name, str):
+        raise RunError(f"path component must be a string, got {type(name).__name__}")
+    if name in ("", ".", ".."):
+        raise RunError(f"{name!r} cannot be a file or folder name")
+    if "/" in name or "\\" in name:
+        raise RunError(f"{name!r} cannot be a file or folder name: it holds a path separator")
+    if any(unicodedata.category(char) in ("Cc", "Cs") for char in name):
+        raise RunError(f"{name!r} cannot be a file or folder name: it holds a control character")
+    if len(name.encode("utf-8")) > 255:
+        raise RunError(f"{name[:40]!r}... cannot be a file or folder name: it is longer than 255 bytes")
+    return name
+
+
+def inside(root: Path, path: Path) -> Path:
+    """``path`` (relative paths are taken under ``root``) resolved, after checking it stays inside ``root``.
+
+    Symbolic links are followed, so a link that points out of ``root`` is refused too. Raises a one-line
+    :class:`RunError` otherwise.
+    """
+    base = Path(root).resolve()
+    target = (base / path).resolve()
+    if not target.is_relative_to(base):
+        raise RunError(f"refusing to use {path}: it lies outside {root}")
+    return target
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -151,6 +268,16 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def _read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise RunError(f"cannot read {path}: {str(error).splitlines()[0]}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("stages"), dict):
+        raise RunError(f"cannot read {path}: not a kka-synth manifest (no stages)")
+    return manifest
+
+
 class RunDir:
     """One run's folder and its manifest."""
 
@@ -169,7 +296,10 @@ class RunDir:
         if resume:
             if not manifest_path.is_file():
                 raise RunError(f"nothing to resume: {manifest_path} does not exist")
-            manifest = json.loads(manifest_path.read_text())
+            manifest = _read_manifest(manifest_path)
+            removed = remove_stale_temps(path)
+            if removed:
+                logger.info("resume: removed %d temporary files left by the interrupted run", removed)
             stored = RunConfig.from_dict(manifest["config"])
             if config.iterations > stored.iterations:
                 stored.iterations = config.iterations
@@ -200,11 +330,7 @@ class RunDir:
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
             raise RunError(f"{path} is not a run directory (no {MANIFEST})")
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise RunError(f"cannot read {manifest_path}: {str(error).splitlines()[0]}") from None
-        return cls(path, manifest)
+        return cls(path, _read_manifest(manifest_path))
 
     @property
     def config(self) -> RunConfig:

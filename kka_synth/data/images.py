@@ -13,13 +13,19 @@ converted on the way in:
 
 The optional square ``size`` does not keep the aspect ratio (as the MVTec AD and VisA benchmarks
 resize). Images shrink with area averaging and grow bilinearly, and masks use nearest neighbour. Any
-problem with a file raises :class:`DataError` with one line that names the file.
+problem with a file raises :class:`DataError` with one line that names the file: an unreadable, truncated
+or corrupt file, a mode Pillow cannot convert, an image of zero size, or one whose header declares more
+than :data:`MAX_PIXELS` pixels (a decompression bomb is refused from its header, before any pixel is
+decoded).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +36,12 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 """File name endings read as images, compared case-insensitively."""
 
+MAX_PIXELS = 89_478_485
+"""Most pixels (width x height) an image may declare; larger ones are refused before decoding. It is
+Pillow's own warning threshold (about 9459 x 9459, some 270 MB as RGB)."""
+
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
+"""Failed writes reported as "cannot write <path>: <reason>" (the errno set of ``kka_synth.runs``)."""
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _SINGLE_CHANNEL = ("1", "L", "F", *_SIXTEEN_BIT)
 
@@ -55,11 +67,32 @@ def _open(path: str | Path) -> Image.Image:
     if not path.is_file():
         raise DataError(f"image file not found: {path}")
     try:
-        with Image.open(path) as image:
+        with _opened(path) as image:
+            _check_pixels(path, image.size)
             image.load()
             return image
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+    except DataError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a corrupt file can make any Pillow plugin raise anything
         raise DataError(f"cannot read image {path}: {_first_line(error)}") from None
+
+
+def _opened(path: Path) -> Image.Image:
+    """``Image.open`` without Pillow's decompression-bomb warning: :func:`_check_pixels` applies the limit."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(path)
+
+
+def _check_pixels(path: Path, size: tuple[int, int]) -> None:
+    width, height = size
+    if width < 1 or height < 1:
+        raise DataError(f"cannot read image {path}: it has zero size ({width}x{height})")
+    if width * height > MAX_PIXELS:
+        raise DataError(
+            f"cannot read image {path}: {width}x{height} is {width * height} pixels, more than the limit of "
+            f"{MAX_PIXELS} (a corrupt header or a decompression bomb)"
+        )
 
 
 def _check_size(size: int | None) -> None:
@@ -96,6 +129,15 @@ def _to_mask(image: Image.Image) -> np.ndarray:
     return np.any(np.asarray(image.convert("RGB")) != 0, axis=2)
 
 
+def _converted(path: str | Path, convert: Callable[[Image.Image], np.ndarray]) -> np.ndarray:
+    """``convert`` of the decoded image at ``path``; a mode Pillow cannot convert is a :class:`DataError`."""
+    image = _open(path)
+    try:
+        return convert(image)
+    except (ValueError, OSError, TypeError) as error:
+        raise DataError(f"cannot read image {path}: mode {image.mode} ({_first_line(error)})") from None
+
+
 def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:
     """Resize RGB uint8 (H, W, 3) to (size, size, 3): area averaging when shrinking, else bilinear."""
     _check_size(size)
@@ -110,7 +152,7 @@ def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:
 def load_rgb(path: str | Path, size: int | None = None) -> np.ndarray:
     """Read an image as RGB uint8 (H, W, 3), or (size, size, 3) when ``size`` is given."""
     _check_size(size)
-    rgb = _to_rgb(_open(path))
+    rgb = _converted(path, _to_rgb)
     return rgb if size is None else resize_rgb(rgb, size)
 
 
@@ -142,9 +184,9 @@ def load_mask(path: str | Path, size: int | None = None) -> np.ndarray:
     """
     _check_size(size)
     files = mask_files(path)
-    mask = _to_mask(_open(files[0]))
+    mask = _converted(files[0], _to_mask)
     for other in files[1:]:
-        part = _to_mask(_open(other))
+        part = _converted(other, _to_mask)
         if part.shape != mask.shape:
             raise DataError(
                 f"mask size mismatch in {Path(path)}: {files[0].name} is {mask.shape[1]}x{mask.shape[0]}, "
@@ -160,10 +202,13 @@ def image_size(path: str | Path) -> tuple[int, int]:
     if not path.is_file():
         raise DataError(f"image file not found: {path}")
     try:
-        with Image.open(path) as image:
-            return image.size
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        with _opened(path) as image:
+            width, height = image.size
+    except Exception as error:  # noqa: BLE001 - as in _open
         raise DataError(f"cannot read image {path}: {_first_line(error)}") from None
+    if width < 1 or height < 1:
+        raise DataError(f"cannot read image {path}: it has zero size ({width}x{height})")
+    return width, height
 
 
 def _write_atomic(image: Image.Image, path: Path) -> None:
@@ -178,7 +223,11 @@ def _write_atomic(image: Image.Image, path: Path) -> None:
         os.replace(temp, path)
     except OSError as error:
         temp.unlink(missing_ok=True)
-        raise DataError(f"cannot save {path}: {_first_line(error)}") from None
+        reason = os.strerror(error.errno).lower() if error.errno in _DISK_ERRNOS else _first_line(error)
+        raise DataError(f"cannot write {path}: {reason}") from None
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
 
 
 def save_rgb(path: str | Path, image: np.ndarray) -> None:

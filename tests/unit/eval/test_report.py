@@ -325,7 +325,7 @@ def test_missing_run_dir_or_manifest_raises(tmp_path: Path):
     with pytest.raises(RunError, match="cannot read"):
         write_report(tmp_path / "empty")
     (tmp_path / "empty" / "manifest.json").write_text("{}")
-    with pytest.raises(RunError, match="holds no run config"):
+    with pytest.raises(RunError, match="not a kka-synth manifest"):
         write_report(tmp_path / "empty")
 
 
