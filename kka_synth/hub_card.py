@@ -14,15 +14,13 @@ paths in the config (data roots, local model folders) are shown by their last co
 from __future__ import annotations
 
 import importlib.metadata
-import io
 import json
 from pathlib import Path
 from typing import Any
 
 import yaml
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-from kka_synth.eval.html import finite_number, new_figure
+from kka_synth.eval.html import figure_png, finite_number, hard_share_figure
 from kka_synth.prompts.templates import render_prompt
 from kka_synth.runs import RunDir
 
@@ -135,35 +133,7 @@ def hard_share_table(stats: list[dict[str, Any]]) -> str:
 
 def hard_share_png(stats: list[dict[str, Any]]) -> bytes:
     """The hard share per iteration as a PNG: overall and per category, refit solid and judge dashed."""
-    figure = new_figure(7.5, 3.4)
-    axes = figure.add_subplot()
-    ks = [s["iteration"] for s in stats]
-    categories = list(dict.fromkeys(c for s in stats for c in (s.get("per_category") or {})))
-    series = [("overall", "black", [s for s in stats])]
-    series += [
-        (name, f"C{i % 10}", [(s.get("per_category") or {}).get(name) or {} for s in stats])
-        for i, name in enumerate(categories)
-    ]
-    for name, colour, entries in series:
-        for key, style, label in (("hard_share", "-", "refit"), ("hard_share_judge", "--", "judge")):
-            points = [(k, finite_number(e.get(key))) for k, e in zip(ks, entries, strict=True)]
-            points = [(k, v) for k, v in points if v is not None]
-            if points:
-                axes.plot(
-                    *zip(*points, strict=True),
-                    style,
-                    marker="o",
-                    color=colour,
-                    linewidth=2.2 if name == "overall" else 1.2,
-                    label=f"{name} ({label})",
-                )
-    axes.set(xlabel="iteration", ylabel="hard share", ylim=(-0.02, 1.02), xticks=ks)
-    axes.grid(alpha=0.3)
-    if axes.get_lines():
-        axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    buffer = io.BytesIO()
-    FigureCanvasAgg(figure).print_png(buffer)
-    return buffer.getvalue()
+    return figure_png(hard_share_figure([s["iteration"] for s in stats], stats))
 
 
 def public_value(value: Any) -> Any:

@@ -32,50 +32,42 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from kka_synth.alignment.sad_core import (
+    CENTER_EPS,
+    LOSS_EPS,
+    EvaluatorInputError,
+    autoencoder_loss,
+    check_fit_inputs,
+    check_images,
+    check_mask,
+    check_normals,
+    module_state,
+    module_tensors,
+    nudge_center,
+    read_evaluator,
+    run_epochs,
+    save_evaluator,
+    squared_distance,
+)
 from kka_synth.config import EvaluatorConfig
+
+__all__ = ["CENTER_EPS", "LOSS_EPS", "DeepSADEvaluator", "EvaluatorInputError", "check_images"]
 
 logger = logging.getLogger(__name__)
 
-CENTER_EPS = 0.1
-"""Coordinates of ``c`` closer to zero than this are moved to ``+-CENTER_EPS`` (Ruff et al.)."""
-
-LOSS_EPS = 1e-6
-"""Added to distances inside the inverse term of the labelled-anomaly loss."""
-
 _NORMAL, _ANOMALY, _IGNORE, _UNMASKED = 0, 1, -1, 2
 """Patch labels: pull to ``c``, push away, leave out, and "anomaly without a mask" (top-k chosen per step)."""
-
-
-class EvaluatorInputError(ValueError):
-    """Images or masks handed to the evaluator have the wrong type or shape; the message names the field."""
-
-
-def check_images(images: Sequence[np.ndarray], name: str) -> None:
-    for index, image in enumerate(images):
-        if (
-            not isinstance(image, np.ndarray)
-            or image.dtype != np.uint8
-            or image.ndim != 3
-            or image.shape[2] != 3
-        ):
-            shape = getattr(image, "shape", None)
-            dtype = getattr(image, "dtype", type(image).__name__)
-            raise EvaluatorInputError(
-                f"{name}[{index}] must be an RGB uint8 array (H, W, 3), got shape {shape} dtype {dtype}"
-            )
 
 
 def _conv(cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Conv2d:
@@ -195,13 +187,9 @@ class DeepSADEvaluator:
         labels = np.full((len(anomalies), self.grid, self.grid), _UNMASKED, dtype=np.int8)
         ring = np.ones((3, 3), np.uint8)
         for index, (image, mask) in enumerate(zip(anomalies, masks, strict=True)):
+            mask = check_mask(index, image, mask)
             if mask is None:
                 continue
-            mask = np.asarray(mask)
-            if mask.shape != image.shape[:2]:
-                raise EvaluatorInputError(
-                    f"anomaly_masks[{index}] has shape {mask.shape}, expected its image's {image.shape[:2]}"
-                )
             coverage = cv2.resize(
                 (mask != 0).astype(np.float32), (self.grid, self.grid), interpolation=cv2.INTER_AREA
             )  # (G, G) share of each cell covered
@@ -212,10 +200,6 @@ class DeepSADEvaluator:
             near = cv2.dilate(covered, ring).astype(bool)
             labels[index] = np.where(covered.astype(bool), _ANOMALY, np.where(near, _IGNORE, _NORMAL))
         return labels
-
-    def _batches(self, count: int) -> list[np.ndarray]:
-        order = self._rng.permutation(count)
-        return [order[start : start + self.batch_size] for start in range(0, count, self.batch_size)]
 
     def _flip(
         self, x: torch.Tensor, labels: torch.Tensor | None = None
@@ -257,28 +241,26 @@ class DeepSADEvaluator:
     # ------------------------------------------------------------------------------------------- training
     def pretrain(self, normal: Sequence[np.ndarray]) -> DeepSADEvaluator:
         """Autoencoder pretraining on ``normal`` for ``config.pretrain_epochs`` epochs; sets normalisation."""
-        check_images(normal, "normal")
-        if len(normal) < 2:
-            raise EvaluatorInputError(f"normal must hold at least 2 images, got {len(normal)}")
+        check_normals(normal)
         pixels = self._pixels(normal)  # (N, 3, S, S)
         self.mean = pixels.mean(dim=(0, 2, 3))
         self.std = pixels.std(dim=(0, 2, 3)).clamp_min(1e-3)
         x_all = (pixels - self.mean[:, None, None]) / self.std[:, None, None]
-        params = [*self.encoder.parameters(), *self.decoder.parameters()]
-        optimizer = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
         self.encoder.train()
         self.decoder.train()
-        for epoch in range(self.config.pretrain_epochs):
-            total = 0.0
-            for batch in self._batches(len(x_all)):
-                x, _ = self._crop(*self._flip(x_all[torch.from_numpy(batch)]))  # (B, 3, C, C)
-                loss = ((self.decoder(self.encoder(x)) - x) ** 2).mean()
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                total += loss.item() * len(batch)
-            self.history["pretrain_loss"].append(total / len(x_all))
-            logger.debug("autoencoder epoch %d: mse %.4f", epoch, self.history["pretrain_loss"][-1])
+
+        def augment(x: torch.Tensor) -> torch.Tensor:
+            return self._crop(*self._flip(x))[0]  # (B, 3, S, S) -> (B, 3, C, C)
+
+        params = [*self.encoder.parameters(), *self.decoder.parameters()]
+        batch_loss = autoencoder_loss(self.encoder, self.decoder, x_all, augment)
+        run_epochs(
+            params,
+            len(x_all),
+            batch_loss,
+            epochs=self.config.pretrain_epochs,
+            **self._epoch_settings("pretrain"),
+        )
         self.pretrained = True
         return self
 
@@ -289,11 +271,7 @@ class DeepSADEvaluator:
         z = torch.cat(
             [self.encoder(x_normal[i : i + 64]) for i in range(0, len(x_normal), 64)]
         )  # (N, D, G, G)
-        center = z.mean(dim=(0, 2, 3))
-        small = center.abs() < CENTER_EPS
-        center[small & (center < 0)] = -CENTER_EPS
-        center[small & (center >= 0)] = CENTER_EPS
-        return center
+        return nudge_center(z.mean(dim=(0, 2, 3)))
 
     def fit(
         self,
@@ -305,15 +283,7 @@ class DeepSADEvaluator:
 
         Pretrains the autoencoder first unless :meth:`pretrain` already ran. Returns ``self``.
         """
-        anomalies = list(anomalies or [])
-        check_images(normal, "normal")
-        check_images(anomalies, "anomalies")
-        if anomaly_masks is None:
-            anomaly_masks = [None] * len(anomalies)
-        elif len(anomaly_masks) != len(anomalies):
-            raise EvaluatorInputError(
-                f"anomaly_masks has {len(anomaly_masks)} entries for {len(anomalies)} anomalies"
-            )
+        anomalies, anomaly_masks = check_fit_inputs(normal, anomalies, anomaly_masks)
         if not self.pretrained:
             self.pretrain(normal)
         x_normal = self._inputs(normal)  # (N, 3, S, S)
@@ -325,34 +295,41 @@ class DeepSADEvaluator:
                 torch.from_numpy(self._patch_labels(anomalies, anomaly_masks)),
             ]
         )  # (N + M, G, G)
-        eta = self.config.eta
-        optimizer = torch.optim.Adam(self.encoder.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        center, eta = self.center, self.config.eta
+
+        def batch_loss(batch: np.ndarray) -> torch.Tensor | None:
+            index = torch.from_numpy(batch)
+            x, labels = self._crop(*self._flip(x_all[index], labels_all[index]))  # (B, 3, C, C), (B, c, c)
+            dist = squared_distance(self.encoder(x), center)  # (B, c, c)
+            labels = self._label_unmasked(labels, dist.detach())
+            pull, push = labels == _NORMAL, labels == _ANOMALY  # (B, c, c)
+            if not (pull.any() or push.any()):
+                return None
+            # The two terms are averaged separately: a defect covers a few cells of the grid, and one mean
+            # over all patches would weigh its push by its tiny share of them (see the module docstring).
+            loss = dist[pull].mean() if pull.any() else dist.new_zeros(())
+            if push.any():
+                loss = loss + eta * (1.0 / (dist[push] + LOSS_EPS)).mean()
+            return loss
+
         self.encoder.train()
-        for epoch in range(self.config.epochs):
-            total = 0.0
-            for batch in self._batches(len(x_all)):
-                index = torch.from_numpy(batch)
-                x, labels = self._crop(
-                    *self._flip(x_all[index], labels_all[index])
-                )  # (B, 3, C, C), (B, c, c)
-                dist = ((self.encoder(x) - self.center[None, :, None, None]) ** 2).sum(dim=1)  # (B, G, G)
-                labels = self._label_unmasked(labels, dist.detach())
-                pull, push = labels == _NORMAL, labels == _ANOMALY  # (B, G, G)
-                if not (pull.any() or push.any()):
-                    continue
-                # The two terms are averaged separately: a defect covers a few cells of the grid, and one
-                # mean over all patches would weigh its push by its tiny share of them (see module docstring).
-                loss = dist[pull].mean() if pull.any() else dist.new_zeros(())
-                if push.any():
-                    loss = loss + eta * (1.0 / (dist[push] + LOSS_EPS)).mean()
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                total += loss.item() * len(batch)
-            self.history["train_loss"].append(total / len(x_all))
-            logger.debug("deep sad epoch %d: loss %.4f", epoch, self.history["train_loss"][-1])
+        epochs = self.config.epochs
+        run_epochs(
+            self.encoder.parameters(), len(x_all), batch_loss, epochs=epochs, **self._epoch_settings("train")
+        )
         self.encoder.eval()
         return self
+
+    def _epoch_settings(self, stage: str) -> dict[str, Any]:
+        """Keyword arguments of :func:`~kka_synth.alignment.sad_core.run_epochs` for ``stage``."""
+        return {
+            "rng": self._rng,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "weight_decay": self.weight_decay,
+            "history": self.history[f"{stage}_loss"],
+            "label": f"patch deep sad {stage}",
+        }
 
     def _label_unmasked(self, labels: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
         """Unmasked rows of ``labels`` (B, G, G): top_k farthest patches -> anomaly, the rest ignored."""
@@ -378,7 +355,7 @@ class DeepSADEvaluator:
         maps = []
         for start in range(0, len(images), 64):
             z = self.encoder(self._inputs(images[start : start + 64]))  # (B, D, G, G)
-            maps.append(((z - self.center[None, :, None, None]) ** 2).sum(dim=1))  # (B, G, G)
+            maps.append(squared_distance(z, self.center))  # (B, G, G)
         return torch.cat(maps).numpy().astype(np.float32)
 
     def score(self, images: Sequence[np.ndarray]) -> np.ndarray:
@@ -408,32 +385,16 @@ class DeepSADEvaluator:
         """Write the fitted encoder, centre and normalisation to one safetensors file."""
         if self.center is None:
             raise RuntimeError("DeepSADEvaluator.save called before fit")
-        path = Path(path)
-        tensors = {f"encoder.{k}": v.contiguous() for k, v in self.encoder.state_dict().items()}
-        tensors.update(
-            center=self.center.contiguous(), mean=self.mean.contiguous(), std=self.std.contiguous()
-        )
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, tmp, metadata={"deepsad": json.dumps(self._settings())})
-        tmp.replace(path)
-        return path
+        tensors = {**module_tensors("encoder", self.encoder), "center": self.center, "mean": self.mean}
+        return save_evaluator(path, {**tensors, "std": self.std}, "deepsad", self._settings())
 
     @classmethod
     def load(cls, path: str | Path) -> DeepSADEvaluator:
         """Read a file written by :meth:`save`; the result scores exactly as the saved evaluator did."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no Deep SAD evaluator at {path}")
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        if "deepsad" not in metadata:
-            raise EvaluatorInputError(f"{path} is not a Deep SAD evaluator file (no 'deepsad' metadata)")
-        settings = json.loads(metadata["deepsad"])
-        config = EvaluatorConfig(**settings.pop("config"))
-        settings["channels"] = tuple(settings["channels"])
-        evaluator = cls(config, **settings)
-        tensors = load_file(path)
-        evaluator.encoder.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("encoder.")})
+        settings, config, tensors = read_evaluator(path, "deepsad", "Deep SAD evaluator")
+        settings["channels"] = tuple(settings["channels"])  # type: ignore[arg-type]
+        evaluator = cls(config, **settings)  # type: ignore[arg-type]
+        evaluator.encoder.load_state_dict(module_state("encoder", tensors))
         evaluator.center, evaluator.mean, evaluator.std = tensors["center"], tensors["mean"], tensors["std"]
         evaluator.pretrained = True
         evaluator.encoder.eval()

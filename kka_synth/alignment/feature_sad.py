@@ -39,22 +39,33 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import json
 import logging
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from kka_synth.alignment.deepsad import CENTER_EPS, LOSS_EPS, EvaluatorInputError, check_images
+from kka_synth.alignment.sad_core import (
+    LOSS_EPS,
+    autoencoder_loss,
+    check_fit_inputs,
+    check_images,
+    check_mask,
+    check_normals,
+    module_state,
+    module_tensors,
+    nudge_center,
+    read_evaluator,
+    run_epochs,
+    save_evaluator,
+    squared_distance,
+)
 from kka_synth.config import EvaluatorConfig
 
 if TYPE_CHECKING:
@@ -277,34 +288,30 @@ class FeatureDeepSADEvaluator:
             )
         return (raw - self.mean) / self.std
 
-    def _batches(self, count: int) -> list[np.ndarray]:
-        order = self._rng.permutation(count)
-        return [order[start : start + self.batch_size] for start in range(0, count, self.batch_size)]
+    def _epoch_settings(self, stage: str) -> dict[str, Any]:
+        """Keyword arguments of :func:`~kka_synth.alignment.sad_core.run_epochs` for ``stage``."""
+        return {
+            "rng": self._rng,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "weight_decay": self.weight_decay,
+            "history": self.history[f"{stage}_loss"],
+            "label": f"feature deep sad {stage}",
+        }
 
     # ------------------------------------------------------------------------------------------- training
     def pretrain(self, normal: Sequence[np.ndarray]) -> FeatureDeepSADEvaluator:
         """Encode ``normal``, set the standardisation, and pretrain the head as an autoencoder."""
-        check_images(normal, "normal")
-        if len(normal) < 2:
-            raise EvaluatorInputError(f"normal must hold at least 2 images, got {len(normal)}")
+        check_normals(normal)
         raw = self.features(normal)  # (N, F)
         self.mean, self.std = raw.mean(dim=0), raw.std(dim=0).clamp_min(1e-6)
         self._build(raw.shape[1])
         assert self.head is not None and self.decoder is not None
         x_all = (raw - self.mean) / self.std
         params = [*self.head.parameters(), *self.decoder.parameters()]
-        optimizer = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
-        for epoch in range(self.config.pretrain_epochs):
-            total = 0.0
-            for batch in self._batches(len(x_all)):
-                x = x_all[torch.from_numpy(batch)]  # (B, F)
-                loss = ((self.decoder(self.head(x)) - x) ** 2).mean()
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                total += loss.item() * len(batch)
-            self.history["pretrain_loss"].append(total / len(x_all))
-            logger.debug("feature autoencoder epoch %d: mse %.4f", epoch, self.history["pretrain_loss"][-1])
+        batch_loss = autoencoder_loss(self.head, self.decoder, x_all)  # batches of (B, F)
+        epochs = self.config.pretrain_epochs
+        run_epochs(params, len(x_all), batch_loss, epochs=epochs, **self._epoch_settings("pretrain"))
         self.pretrained = True
         return self
 
@@ -312,11 +319,7 @@ class FeatureDeepSADEvaluator:
     def _init_center(self, x_normal: torch.Tensor) -> torch.Tensor:
         """(E,) mean head output of the normals, with near-zero coordinates moved to +-CENTER_EPS."""
         assert self.head is not None
-        center = self.head(x_normal).mean(dim=0)
-        small = center.abs() < CENTER_EPS
-        center[small & (center < 0)] = -CENTER_EPS
-        center[small & (center >= 0)] = CENTER_EPS
-        return center
+        return nudge_center(self.head(x_normal).mean(dim=0))
 
     def _trained_anomalies(
         self, anomalies: Sequence[np.ndarray], masks: Sequence[np.ndarray | None]
@@ -324,16 +327,9 @@ class FeatureDeepSADEvaluator:
         """The anomalies that take part in training: all but those whose mask is empty (nothing changed)."""
         kept = []
         for index, (image, mask) in enumerate(zip(anomalies, masks, strict=True)):
-            if mask is not None:
-                mask = np.asarray(mask)
-                if mask.shape != image.shape[:2]:
-                    raise EvaluatorInputError(
-                        f"anomaly_masks[{index}] has shape {mask.shape}, "
-                        f"expected its image's {image.shape[:2]}"
-                    )
-                if not mask.any():
-                    continue
-            kept.append(image)
+            mask = check_mask(index, image, mask)
+            if mask is None or mask.any():
+                kept.append(image)
         return kept
 
     def fit(
@@ -346,15 +342,7 @@ class FeatureDeepSADEvaluator:
 
         Pretrains first unless :meth:`pretrain` already ran. Returns ``self``.
         """
-        anomalies = list(anomalies or [])
-        check_images(normal, "normal")
-        check_images(anomalies, "anomalies")
-        if anomaly_masks is None:
-            anomaly_masks = [None] * len(anomalies)
-        elif len(anomaly_masks) != len(anomalies):
-            raise EvaluatorInputError(
-                f"anomaly_masks has {len(anomaly_masks)} entries for {len(anomalies)} anomalies"
-            )
+        anomalies, anomaly_masks = check_fit_inputs(normal, anomalies, anomaly_masks)
         trained = self._trained_anomalies(anomalies, anomaly_masks)
         if not self.pretrained:
             self.pretrain(normal)
@@ -364,21 +352,15 @@ class FeatureDeepSADEvaluator:
         x_all = torch.cat([x_normal, self._standardised(trained)]) if trained else x_normal  # (N + M, F)
         is_anomaly = torch.zeros(len(x_all), dtype=torch.bool)
         is_anomaly[len(x_normal) :] = True
-        eta = self.config.eta
-        optimizer = torch.optim.Adam(self.head.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        for epoch in range(self.config.epochs):
-            total = 0.0
-            for batch in self._batches(len(x_all)):
-                index = torch.from_numpy(batch)
-                dist = ((self.head(x_all[index]) - self.center) ** 2).sum(dim=1)  # (B,)
-                push = is_anomaly[index]
-                loss = torch.where(push, eta / (dist + LOSS_EPS), dist).mean()
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                total += loss.item() * len(batch)
-            self.history["train_loss"].append(total / len(x_all))
-            logger.debug("feature deep sad epoch %d: loss %.4f", epoch, self.history["train_loss"][-1])
+        head, center, eta = self.head, self.center, self.config.eta
+
+        def batch_loss(batch: np.ndarray) -> torch.Tensor:
+            index = torch.from_numpy(batch)
+            dist = squared_distance(head(x_all[index]), center)  # (B,)
+            return torch.where(is_anomaly[index], eta / (dist + LOSS_EPS), dist).mean()
+
+        epochs = self.config.epochs
+        run_epochs(head.parameters(), len(x_all), batch_loss, epochs=epochs, **self._epoch_settings("train"))
         return self
 
     # ------------------------------------------------------------------------------------------- scoring
@@ -390,7 +372,7 @@ class FeatureDeepSADEvaluator:
         check_images(images, "images")
         if len(images) == 0:
             return np.zeros(0, dtype=np.float64)
-        dist = ((self.head(self._standardised(images)) - self.center) ** 2).sum(dim=1)  # (N,)
+        dist = squared_distance(self.head(self._standardised(images)), self.center)  # (N,)
         return dist.numpy().astype(np.float64)
 
     def clone(self) -> FeatureDeepSADEvaluator:
@@ -421,36 +403,18 @@ class FeatureDeepSADEvaluator:
         :meth:`load` reloads it from ``config.model``)."""
         if self.center is None or self.head is None or self.mean is None or self.std is None:
             raise RuntimeError("FeatureDeepSADEvaluator.save called before fit")
-        path = Path(path)
-        tensors = {f"head.{k}": v.contiguous() for k, v in self.head.state_dict().items()}
-        tensors.update(
-            center=self.center.contiguous(), mean=self.mean.contiguous(), std=self.std.contiguous()
-        )
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(self._settings())})
-        tmp.replace(path)
-        return path
+        tensors = {**module_tensors("head", self.head), "center": self.center, "mean": self.mean}
+        return save_evaluator(path, {**tensors, "std": self.std}, METADATA_KEY, self._settings())
 
     @classmethod
     def load(cls, path: str | Path) -> FeatureDeepSADEvaluator:
         """Read a file written by :meth:`save`; with the same backbone it scores as the saved one did."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no DINOv2 Deep SAD evaluator at {path}")
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        if METADATA_KEY not in metadata:
-            raise EvaluatorInputError(
-                f"{path} is not a DINOv2 Deep SAD evaluator file (no {METADATA_KEY!r} metadata)"
-            )
-        settings = json.loads(metadata[METADATA_KEY])
-        config = EvaluatorConfig(**settings.pop("config"))
-        evaluator = cls(config, **settings)
-        tensors = load_file(path)
+        settings, config, tensors = read_evaluator(path, METADATA_KEY, "DINOv2 Deep SAD evaluator")
+        evaluator = cls(config, **settings)  # type: ignore[arg-type]
         evaluator.mean, evaluator.std = tensors["mean"], tensors["std"]
         evaluator._build(evaluator.mean.shape[0])
         assert evaluator.head is not None
-        evaluator.head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
+        evaluator.head.load_state_dict(module_state("head", tensors))
         evaluator.center = tensors["center"]
         evaluator.pretrained = True
         return evaluator

@@ -1,5 +1,6 @@
 """HTML, PNG and number formatting for the run report: escaped table cells, notes that log a warning,
-images and matplotlib figures as base64 PNG data URIs, thumbnails and mask outlines.
+images and matplotlib figures as base64 PNG data URIs, thumbnails and mask outlines, and the hard-share plot
+that the report and the dataset card both draw.
 
 Notes name files relative to the run (from its ``eval`` folder on), never by a machine path.
 """
@@ -108,14 +109,63 @@ def png_uri(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def figure_uri(figure: Figure) -> str:
+def figure_png(figure: Figure) -> bytes:
+    """``figure`` drawn on an Agg canvas (no pyplot state) as PNG bytes."""
     buffer = io.BytesIO()
     FigureCanvasAgg(figure).print_png(buffer)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return buffer.getvalue()
+
+
+def figure_uri(figure: Figure) -> str:
+    return "data:image/png;base64," + base64.b64encode(figure_png(figure)).decode("ascii")
 
 
 def new_figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height), dpi=90, layout="constrained")
+
+
+def hard_share_figure(iterations: list[int], stats: list[dict[str, Any]]) -> Figure:
+    """The hard share per iteration: overall (thick, black) and per category, refit solid and judge dashed.
+
+    Args:
+        iterations: the iteration number of each entry of ``stats``; the x axis.
+        stats: one ``stats.json`` dict per iteration, with ``hard_share`` and ``hard_share_judge`` overall
+            and per category under ``per_category``. Missing or non-finite values are left out.
+
+    Returns:
+        The figure, unrendered; draw it with :func:`figure_png` or :func:`figure_uri`.
+
+    Raises:
+        ValueError: ``iterations`` and ``stats`` differ in length.
+    """
+    if len(iterations) != len(stats):
+        raise ValueError(f"hard_share_figure: {len(iterations)} iterations but {len(stats)} stats entries")
+    figure = new_figure(7.5, 3.4)
+    axes = figure.add_subplot()
+    categories = list(dict.fromkeys(c for s in stats for c in (s.get("per_category") or {})))
+    series = [("overall", "black", list(stats))]
+    series += [
+        (name, f"C{i % 10}", [(s.get("per_category") or {}).get(name) or {} for s in stats])
+        for i, name in enumerate(categories)
+    ]
+    for name, colour, entries in series:
+        for key, style, label in (("hard_share", "-", "refit"), ("hard_share_judge", "--", "judge")):
+            points = [(k, finite_number(e.get(key))) for k, e in zip(iterations, entries, strict=True)]
+            points = [(k, v) for k, v in points if v is not None]
+            if points:
+                axes.plot(
+                    *zip(*points, strict=True),
+                    style,
+                    marker="o",
+                    color=colour,
+                    linewidth=2.2 if name == "overall" else 1.2,
+                    label=f"{name} ({label})",
+                )
+    axes.set(xlabel="iteration", ylabel="hard share", ylim=(-0.02, 1.02), xticks=iterations)
+    axes.grid(alpha=0.3)
+    if axes.get_lines():
+        axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return figure
 
 
 def load_thumbnail(path: Path) -> Image.Image:

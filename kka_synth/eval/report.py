@@ -30,6 +30,7 @@ from kka_synth.eval.html import (
     figure_uri,
     finite_number,
     fmt_cell,
+    hard_share_figure,
     img_html,
     load_thumbnail,
     new_figure,
@@ -234,36 +235,7 @@ def _hard_share_section(iterations: list[_Iteration]) -> str:
     notes = [it.notes["stats"] for it in iterations if "stats" in it.notes]
     if not done:
         return section_html("Hard share", notes_html([*notes, "no iteration has finished yet"]))
-    ks = [it.k for it in done]
-    figure = new_figure(7.5, 3.4)
-    axes = figure.add_subplot()
-    colours = {"overall": "black"}
-    categories = list(dict.fromkeys(c for it in done for c in (it.stats.get("per_category") or {})))
-    for index, name in enumerate(categories):
-        colours[name] = f"C{index % 10}"
-    for name, colour in colours.items():
-        for key, style, label in (("hard_share", "-", "refit"), ("hard_share_judge", "--", "judge")):
-            if name == "overall":
-                values = [finite_number(it.stats.get(key)) for it in done]
-            else:
-                values = [
-                    finite_number(((it.stats.get("per_category") or {}).get(name) or {}).get(key))
-                    for it in done
-                ]
-            points = [(k, v) for k, v in zip(ks, values, strict=True) if v is not None]
-            if points:
-                axes.plot(
-                    *zip(*points, strict=True),
-                    style,
-                    marker="o",
-                    color=colour,
-                    linewidth=2.2 if name == "overall" else 1.2,
-                    label=f"{name} ({label})",
-                )
-    axes.set(xlabel="iteration", ylabel="hard share", ylim=(-0.02, 1.02), xticks=ks)
-    axes.grid(alpha=0.3)
-    if axes.get_lines():
-        axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    figure = hard_share_figure([it.k for it in done], [it.stats for it in done])
     head = [
         "iteration", "proposals", "parse fail", "retries", "render fail", "filtered", "kept", "hard share",
         "judge share", "median hardness", "distinct specs", "DPO margin", "seconds",

@@ -10,6 +10,7 @@ import pytest
 import yaml
 from fake_chat import call, scripted
 from langchain_core.messages import AIMessage
+from tiny_run import tiny_settings
 
 from kka_synth.agents import PromptSet
 from kka_synth.agents.chat import ChatSession
@@ -18,14 +19,7 @@ from kka_synth.cli import main
 from kka_synth.config import RunConfig
 from kka_synth.runs import read_jsonl
 
-TINY = {
-    "iterations": 1,
-    "proposals_per_iteration": 12,
-    "data": {"dataset": "demo", "image_size": 64},
-    "proposer": {"pretrain_steps": 150},
-    "evaluator": {"pretrain_epochs": 1, "epochs": 2, "size": 64, "crop": 32},
-    "alignment": {"enabled": False},
-}
+TINY = {**tiny_settings(iterations=1), "alignment": {"enabled": False}}
 
 
 def test_one_shot_offline_constrains_previews_and_saves(tmp_path: Path, monkeypatch, capsys) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from tiny_run import tiny_settings
 
 from kka_synth.cli import main
 from kka_synth.data import load_rgb
@@ -15,14 +16,8 @@ from kka_synth.hub import load
 from kka_synth.loop import read_candidates
 from kka_synth.runs import read_jsonl
 
-TINY = {
-    "iterations": 2,
-    "proposals_per_iteration": 12,
-    "data": {"dataset": "demo", "image_size": 64},
-    "proposer": {"pretrain_steps": 150},
-    "evaluator": {"pretrain_epochs": 1, "epochs": 2, "size": 64, "crop": 32},
-    "alignment": {"enabled": False},  # publishing does not care how the proposer was steered
-}
+# publishing does not care how the proposer was steered: no DPO settings, alignment off
+TINY = {**tiny_settings(), "alignment": {"enabled": False}}
 
 
 @pytest.fixture(scope="module")

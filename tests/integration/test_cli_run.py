@@ -11,22 +11,12 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from tiny_run import tiny_settings
 
 from kka_synth.cli import main
 from kka_synth.loop import KKALoop, read_candidates
 
-TINY = {
-    "iterations": 2,
-    "proposals_per_iteration": 12,
-    "data": {"dataset": "demo", "image_size": 64},
-    "proposer": {"pretrain_steps": 150},
-    "evaluator": {"pretrain_epochs": 1, "epochs": 2, "size": 64, "crop": 32},
-    "alignment": {
-        "pairs_per_prompt": 4,
-        "max_pairs": 16,
-        "dpo": {"num_train_epochs": 1, "per_device_train_batch_size": 4},
-    },
-}
+TINY = tiny_settings()
 
 
 def _config(tmp_path: Path, name: str, **overrides) -> Path:

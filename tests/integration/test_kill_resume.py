@@ -33,22 +33,12 @@ import pytest
 import yaml
 from PIL import Image
 from safetensors.numpy import load_file
+from tiny_run import tiny_settings
 
 from kka_synth.cli import main
 from kka_synth.runs import read_candidates, read_jsonl, read_parquet
 
-TINY = {
-    "iterations": 2,
-    "proposals_per_iteration": 12,
-    "data": {"dataset": "demo", "image_size": 64},
-    "proposer": {"pretrain_steps": 150},
-    "evaluator": {"pretrain_epochs": 1, "epochs": 2, "size": 64, "crop": 32},
-    "alignment": {
-        "pairs_per_prompt": 4,
-        "max_pairs": 16,
-        "dpo": {"num_train_epochs": 1, "per_device_train_batch_size": 4},
-    },
-}
+TINY = tiny_settings()
 POLL = 0.005
 """Seconds between looks at the run directory while waiting for a kill point."""
 EXCLUDED = {"report.html"}

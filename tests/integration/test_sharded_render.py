@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny_run import tiny_settings
 
 from kka_synth.cli import main
 from kka_synth.loop import KKALoop, read_candidates
@@ -21,18 +22,7 @@ from kka_synth.utils import dist
 
 # the tiny settings of test_cli_run.py (one category, so each run stays short), with DPO on: it trains in
 # both processes, after the iteration's candidates are final
-TINY = {
-    "iterations": 1,
-    "proposals_per_iteration": 16,
-    "data": {"dataset": "demo", "image_size": 64, "categories": ["brick"]},
-    "proposer": {"pretrain_steps": 150},
-    "evaluator": {"pretrain_epochs": 1, "epochs": 2, "size": 64, "crop": 32},
-    "alignment": {
-        "pairs_per_prompt": 4,
-        "max_pairs": 16,
-        "dpo": {"num_train_epochs": 1, "per_device_train_batch_size": 4},
-    },
-}
+TINY = tiny_settings(iterations=1, proposals_per_iteration=16, data={"categories": ["brick"]})
 
 
 def _config(tmp_path: Path, name: str) -> Path:
