@@ -17,7 +17,9 @@ no process group is started.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
@@ -26,6 +28,8 @@ from typing import Any, NamedTuple, TypeVar
 from kka_synth.runs import RunError
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 WAIT = timedelta(hours=6)
 """How long a process waits for the others at a barrier: the main process alone proposes, scores hardness
@@ -54,7 +58,33 @@ def _state() -> Any:
     use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     # without cuda, PartialState(cpu=False) would not see a multi-process launch at all; with cpu=True it
     # joins the group over gloo (or MPI)
-    return PartialState(cpu=use_cpu or not torch.cuda.is_available(), timeout=WAIT)
+    state = PartialState(cpu=use_cpu or not torch.cuda.is_available(), timeout=WAIT)
+    global _LEAVE_REGISTERED
+    if not _LEAVE_REGISTERED:
+        atexit.register(_leave)
+        _LEAVE_REGISTERED = True
+    return state
+
+
+_LEAVE_REGISTERED = False
+
+
+def _leave() -> None:
+    """At exit: wait for the others (briefly) and take the process group down.
+
+    A process that exits with the group still up can abort in the communication library's threads
+    ("terminate called without an active exception") while a peer still talks to it.
+    """
+    import torch.distributed
+
+    if not torch.distributed.is_initialized():
+        return
+    try:
+        if torch.distributed.get_backend() == "gloo":
+            torch.distributed.monitored_barrier(timeout=timedelta(seconds=120))
+        torch.distributed.destroy_process_group()
+    except Exception:  # a peer that already failed: the launcher reports it, nothing more to do here
+        logger.debug("leaving the process group failed", exc_info=True)
 
 
 def world() -> World:
