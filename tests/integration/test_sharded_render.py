@@ -140,8 +140,11 @@ def test_shards_that_do_not_add_up_are_one_line_error(
     assert "\n" not in str(error.value)
 
 
+# each process writes its own report file: two processes printing to one pipe can interleave their lines
 SCRIPT = """
 import json
+import sys
+from pathlib import Path
 from kka_synth.utils import dist
 
 world = dist.world()
@@ -155,16 +158,16 @@ try:
             raise ValueError("boom in one process")
 except Exception as error:
     report["error"] = [type(error).__name__, str(error)]
-print("REPORT " + json.dumps(report), flush=True)
+Path(sys.argv[1], f"report-{world.rank}.json").write_text(json.dumps(report))
 """
 
 
 def test_helpers_under_two_processes(tmp_path: Path):
     script = tmp_path / "probe.py"
     script.write_text(SCRIPT)
-    done = _launch(str(script))
-    lines = [line[7:] for line in done.stdout.splitlines() if line.startswith("REPORT ")]
-    reports = sorted((json.loads(line) for line in lines), key=lambda r: r["rank"])
+    _launch(str(script), str(tmp_path))
+    files = sorted(tmp_path.glob("report-*.json"))
+    reports = sorted((json.loads(f.read_text()) for f in files), key=lambda r: r["rank"])
     assert [(r["rank"], r["size"], r["main"]) for r in reports] == [(0, 2, True), (1, 2, False)]
     assert [r["part"] for r in reports] == [[0, 1, 2, 3], [4, 5, 6]]  # in order, each item once
     assert [r["broadcast"] for r in reports] == ["from 0", "from 0"]
