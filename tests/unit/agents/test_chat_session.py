@@ -234,6 +234,33 @@ def test_run_stats_reads_iterations_and_the_hardest_candidates(tmp_path: Path, s
     assert len(lines) == 7
 
 
+@pytest.mark.parametrize("where", ["dotdot", "absolute", "symlink"])
+def test_run_stats_refuses_image_paths_outside_the_run(
+    tmp_path: Path, session: ChatSession, where: str
+) -> None:
+    run = RunDir.open(RunConfig(out=str(tmp_path / "runs"), name="r"))
+    folder = run.iteration_dir(1)
+    outside = tmp_path / "outside.png"
+    save_rgb(outside, np.zeros((8, 8, 3), np.uint8))
+    image = {"dotdot": "../../../../outside.png", "absolute": str(outside), "symlink": "images/link.png"}[
+        where
+    ]
+    if where == "symlink":
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+        (folder / "images" / "link.png").symlink_to(outside)
+    assert (run.path / "iterations" / "1" / image).resolve() == outside.resolve()  # each one leads out
+    write_candidates(folder, [_candidate(1, 0, "hard", 0.5, image), _candidate(1, 1, "easy", -0.5, None)])
+    session.run_dir = run.path
+    out = session.call("run_stats", top=2)
+    assert (
+        out.startswith("error: candidate 1-washer-0000 of iteration 1: refusing to use ") and "\n" not in out
+    )
+    assert "it lies outside" in out
+    # a row whose image stays inside is listed as before
+    write_candidates(folder, [_candidate(1, 0, "hard", 0.5, "images/../images/1-0.png")])
+    assert session.run_stats(top=1).splitlines()[-1].strip() == str(folder / "images/../images/1-0.png")
+
+
 def test_call_turns_bad_input_into_one_line_errors(session: ChatSession) -> None:
     cases = [
         ("nope", {}, "error: unknown tool 'nope'"),
