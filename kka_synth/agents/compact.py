@@ -34,12 +34,14 @@ from kka_synth.agents.pretrain import SETTINGS_FILE, CompactLMConfig, corpus_kno
 from kka_synth.config import ProposerConfig
 from kka_synth.prompts.knowledge import GENERIC
 from kka_synth.types import Proposal
+from kka_synth.utils.hub import AdapterError, check_adapter_dir, load_adapter, load_pretrained
 
 logger = logging.getLogger(__name__)
 
+WHAT = "the compact proposer"
+FIELD = "proposer.model"
 
-class AdapterError(ValueError):
-    """A LoRA adapter cannot be applied to the compact proposer."""
+__all__ = ["AdapterError", "CompactProposer", "narrow_vocabulary"]
 
 
 class CompactProposer:
@@ -74,9 +76,9 @@ class CompactProposer:
         self.knowledge_files = tuple(settings["knowledge_files"])
         self.user_knowledge: str | None = settings.get("user_knowledge")
         self.max_description_words = int(settings["max_description_words"])
-        self.model = LlamaForCausalLM.from_pretrained(model_dir)
+        self.model = load_pretrained(LlamaForCausalLM.from_pretrained, str(model_dir), WHAT, FIELD)
         self.model.eval()
-        self.tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
+        self.tokenizer = load_pretrained(PreTrainedTokenizerFast.from_pretrained, str(model_dir), WHAT, FIELD)
         self.tokenizer.padding_side = "left"
         knowledge = corpus_knowledge(self.knowledge_files, self.user_knowledge)
         self.categories = tuple(sorted(knowledge))
@@ -204,18 +206,18 @@ class CompactProposer:
 
         After this :attr:`model` is a plain ``LlamaForCausalLM`` again, so a later DPO round can train a new
         adapter on it.
-        """
-        from peft import PeftModel
 
-        path = Path(path)
-        if not (path / "adapter_config.json").is_file():
-            raise AdapterError(f"no LoRA adapter at {path} (adapter_config.json missing)")
+        Raises:
+            AdapterError: no adapter at ``path``, an adapter saved only as a pickle (``adapter_model.bin``),
+                or a model that already carries LoRA layers.
+        """
+        path = check_adapter_dir(path)
         if any("lora_" in name for name, _ in self.model.named_parameters()):
             raise AdapterError(
                 "the proposer's model already carries LoRA layers; "
                 "train DPO on a copy of it or merge them first"
             )
-        merged = PeftModel.from_pretrained(self.model, str(path)).merge_and_unload()
+        merged = load_adapter(self.model, path).merge_and_unload()
         self.model = merged.eval()
         logger.info("merged LoRA adapter %s into the compact proposer", path)
 

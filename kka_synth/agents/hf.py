@@ -21,11 +21,10 @@ from typing import Any
 
 import torch
 
-from kka_synth.agents.compact import AdapterError
 from kka_synth.agents.llm import LLMProposer, Message
 from kka_synth.config import ProposerConfig
 from kka_synth.utils.devices import resolve_device, resolve_dtype
-from kka_synth.utils.hub import ModelLoadError, load_pretrained
+from kka_synth.utils.hub import ModelLoadError, check_adapter_dir, load_adapter, load_pretrained
 
 logger = logging.getLogger(__name__)
 
@@ -65,14 +64,6 @@ def chat_prompt(tokenizer: Any, messages: Sequence[Message]) -> str:
     if bos and text.startswith(bos) and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]:
         text = text[len(bos) :]
     return text
-
-
-def check_adapter(path: str | Path) -> Path:
-    """``path`` as a Path when it holds a saved PEFT adapter, else :class:`AdapterError`."""
-    path = Path(path)
-    if not (path / "adapter_config.json").is_file():
-        raise AdapterError(f"no LoRA adapter at {path} (adapter_config.json missing)")
-    return path
 
 
 class TransformersProposer(LLMProposer):
@@ -165,11 +156,13 @@ class TransformersProposer(LLMProposer):
         return self.base_model(), self.adapter
 
     def apply_adapter(self, path: str | Path) -> None:
-        """Sample with the PEFT adapter saved at ``path``, in place of any previous one (not merged)."""
-        from peft import PeftModel
+        """Sample with the PEFT adapter saved at ``path``, in place of any previous one (not merged).
 
-        path = check_adapter(path)
+        Raises :class:`~kka_synth.utils.hub.AdapterError` (one line) for a folder without an adapter or with
+        only pickle weights, before the current adapter is taken off.
+        """
+        path = check_adapter_dir(path)
         base = self.base_model()
-        self.model = PeftModel.from_pretrained(base, str(path)).eval()
+        self.model = load_adapter(base, path).eval()
         self.adapter = path
         logger.info("sampling %s with LoRA adapter %s", self.config.model, path)

@@ -15,27 +15,46 @@ serves that adapter as a ``LoRARequest`` without reloading the base weights.
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from kka_synth.agents.base import ProposalContext
-from kka_synth.agents.compact import AdapterError
 from kka_synth.agents.guidance import spec_json_schema
-from kka_synth.agents.hf import FIELD, WHAT, chat_prompt, check_adapter, load_chat_tokenizer
+from kka_synth.agents.hf import FIELD, WHAT, chat_prompt, load_chat_tokenizer
 from kka_synth.agents.llm import LLMProposer, Message, ProposerError
 from kka_synth.config import ProposerConfig
 from kka_synth.types import Proposal
 from kka_synth.utils.devices import resolve_device, resolve_dtype
-from kka_synth.utils.hub import load_pretrained
+from kka_synth.utils.hub import AdapterError, check_adapter_dir, load_pretrained
 from kka_synth.utils.imports import require
 
 logger = logging.getLogger(__name__)
+
+
+def start_engine(
+    engine: Callable[..., Any],
+    model: str,
+    trust_remote_code: bool = False,
+    use_safetensors: bool = True,
+    **kwargs: Any,
+) -> Any:
+    """``engine(model, ...)`` (``vllm.LLM``) under the loading policy of :mod:`kka_synth.utils.hub`.
+
+    Called through :func:`~kka_synth.utils.hub.load_pretrained`, which sees both policy arguments in this
+    signature: it refuses a local folder with only pickle weights and passes ``trust_remote_code`` as the
+    user set it. vLLM gets ``load_format="safetensors"`` (so it never falls back to ``*.bin`` files) and
+    ``trust_remote_code`` explicitly.
+    """
+    if not use_safetensors:
+        raise ValueError("the vLLM engine loads safetensors weights only")
+    return engine(model, trust_remote_code=trust_remote_code, load_format="safetensors", **kwargs)
 
 
 def structured_output_api(sampling_params: Any) -> tuple[str, type] | None:
@@ -81,7 +100,7 @@ class VLLMProposer(LLMProposer):
         self.tokenizer = load_chat_tokenizer(config.model)
         """The transformers tokenizer of the model, for DPO."""
         self.llm = load_pretrained(
-            vllm.LLM,
+            functools.partial(start_engine, vllm.LLM),
             config.model,
             WHAT,
             FIELD,
@@ -154,7 +173,7 @@ class VLLMProposer(LLMProposer):
 
     def apply_adapter(self, path: str | Path) -> None:
         """Serve the PEFT adapter saved at ``path`` from now on, and free the transformers copy."""
-        path = check_adapter(path)
+        path = check_adapter_dir(path)  # vLLM would read a pickled adapter_model.bin too
         try:
             rank = int(json.loads((path / "adapter_config.json").read_text()).get("r", 0))
         except (AttributeError, TypeError, ValueError):

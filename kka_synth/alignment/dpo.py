@@ -37,6 +37,7 @@ from trl import DPOConfig, DPOTrainer
 from kka_synth.alignment.pairs import pairs_to_columns
 from kka_synth.config import AlignmentConfig, ConfigError
 from kka_synth.types import PreferencePair
+from kka_synth.utils.hub import load_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -193,6 +194,10 @@ def train_dpo(
     ``model`` must be a plain (not LoRA-wrapped) causal LM. Without ``start_adapter`` a fresh adapter is
     made from ``config.lora``; with it, that saved adapter is loaded trainable and trained further (its own
     LoRA settings hold). ``model`` leaves with its weights unchanged and no LoRA layers.
+
+    Raises ValueError for no pairs, a LoRA-wrapped model or a tokenizer without EOS, and
+    :class:`~kka_synth.utils.hub.AdapterError` (a ValueError) for a ``start_adapter`` folder without an
+    adapter or with only pickle weights.
     """
     if not pairs:
         raise ValueError("train_dpo needs at least one preference pair")
@@ -207,9 +212,7 @@ def train_dpo(
     )
     dpo_config = build_dpo_config(config.dpo, output_dir, seed, max_length=longest)
     if start_adapter is not None:
-        if not (Path(start_adapter) / "adapter_config.json").is_file():
-            raise ValueError(f"no LoRA adapter at {start_adapter} (adapter_config.json missing)")
-        trained: PreTrainedModel = PeftModel.from_pretrained(model, str(start_adapter), is_trainable=True)
+        trained: PreTrainedModel = load_adapter(model, start_adapter, is_trainable=True)
         peft_config = None
     else:
         trained, peft_config = model, lora_config

@@ -13,7 +13,13 @@ profile that needs no weights. It also applies the loading policy:
 
 A loader gets these arguments when its signature names them, or when it is the ``from_pretrained`` of a
 transformers or diffusers class (whose signatures hide them in ``**kwargs``); ``use_safetensors`` only goes
-to classes that load weights (models and pipelines, not tokenizers, processors or configs).
+to classes that load weights (models and pipelines, not tokenizers, processors or configs). A loader of the
+project's own (:func:`kka_synth.detectors.vfm.model.load_dinov2`, the vLLM engine) names both in its
+signature and passes them on, so it gets the same checks.
+
+PEFT adapters follow the same rule through :func:`load_adapter` (or :func:`check_adapter_dir` where another
+engine, such as vLLM, reads the folder): an adapter saved only as ``adapter_model.bin`` is refused before
+anything reads it. PEFT itself loads ``adapter_model.safetensors`` whenever it is present.
 """
 
 from __future__ import annotations
@@ -40,9 +46,17 @@ _WEIGHT_CLASSES = ("PreTrainedModel", "_BaseAutoModelClass", "ModelMixin", "Diff
 """Base classes (by name, so nothing heavy is imported here) whose ``from_pretrained`` loads weights."""
 _POLICY = ("trust_remote_code", "use_safetensors")
 
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHT_STEMS = ("adapter_model", "new_embeddings")
+"""Names (without ending) of the weight files in a PEFT adapter folder that PEFT or vLLM read."""
+
 
 class ModelLoadError(RuntimeError):
     """Pretrained weights could not be loaded; the message is one line that says what to do."""
+
+
+class AdapterError(ValueError):
+    """A LoRA adapter cannot be loaded or applied as asked; the message is one line."""
 
 
 def trust_remote_code() -> bool:
@@ -143,3 +157,38 @@ def load_pretrained(loader: Callable[..., T], name_or_path: str, what: str, fiel
             f"cannot load {what} from {where} {name_or_path!r} ({first[:160]}); set {field} to a local "
             "directory with the weights, or run with --profile offline"
         ) from None
+
+
+def check_adapter_dir(path: str | Path) -> Path:
+    """``path`` as a Path when it is a folder holding a PEFT adapter that may be loaded, else AdapterError.
+
+    Refused, in one line and before any file is read: a folder without ``adapter_config.json``, and one whose
+    weights are only pickles (``adapter_model.bin`` without ``adapter_model.safetensors``; the same for
+    ``new_embeddings``, which vLLM reads).
+    """
+    path = Path(path)
+    if not (path / ADAPTER_CONFIG).is_file():
+        raise AdapterError(f"no LoRA adapter at {path} ({ADAPTER_CONFIG} missing)")
+    for stem in ADAPTER_WEIGHT_STEMS:
+        if (path / f"{stem}.safetensors").is_file():
+            continue
+        pickles = sorted(p.name for p in path.glob(f"{stem}.*") if p.suffix.lower() in PICKLE_SUFFIXES)
+        if pickles:
+            raise AdapterError(
+                f"the LoRA adapter at {path} has only pickle weights ({pickles[0]}); kka-synth loads "
+                "safetensors only, because pickle files can run code: save the adapter again with a recent "
+                "peft (save_pretrained writes adapter_model.safetensors)"
+            )
+    return path
+
+
+def load_adapter(model: Any, path: str | Path, **kwargs: Any) -> Any:
+    """``peft.PeftModel.from_pretrained(model, path, **kwargs)`` after :func:`check_adapter_dir`.
+
+    The one place the package loads a PEFT adapter, so the safetensors-only rule holds for every backend.
+    ``kwargs`` go to PEFT (``is_trainable=True``, say).
+    """
+    path = check_adapter_dir(path)
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(path), **kwargs)

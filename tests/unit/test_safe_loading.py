@@ -17,7 +17,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 
 from kka_synth.utils.hub import (
     TRUST_REMOTE_CODE_ENV,
+    AdapterError,
     ModelLoadError,
+    check_adapter_dir,
+    load_adapter,
     load_pretrained,
     pickle_only_weights,
     policy_kwargs,
@@ -217,6 +220,145 @@ def test_remote_code_is_refused_with_the_flag_named(
     assert not (remote_code_model.parent / "pwned").exists()
 
 
+# ------------------------------------------------------------------------------------------- adapters
+def _lora(model: LlamaForCausalLM):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    return get_peft_model(model, config)
+
+
+@pytest.fixture
+def safe_adapter(tmp_path: Path) -> Path:
+    folder = tmp_path / "adapter"
+    _lora(_tiny_llama()).save_pretrained(folder)
+    assert (folder / "adapter_model.safetensors").is_file()
+    return folder
+
+
+@pytest.fixture
+def pickle_adapter(safe_adapter: Path, tmp_path: Path) -> Path:
+    """The same adapter with its weights as ``adapter_model.bin``, a pickle that would make ``pwned``."""
+    from safetensors.torch import load_file
+
+    weights = safe_adapter / "adapter_model.safetensors"
+    with open(safe_adapter / "adapter_model.bin", "wb") as handle:
+        pickle.dump({**load_file(weights), "trap": _Trap(tmp_path / "pwned")}, handle)
+    weights.unlink()
+    return safe_adapter
+
+
+def test_safetensors_adapter_loads(safe_adapter: Path):
+    trained = _lora(_tiny_llama()).state_dict()
+    loaded = load_adapter(_tiny_llama(), safe_adapter).state_dict()
+    lora = [name for name in trained if "lora_" in name]
+    assert lora and all(torch.equal(loaded[name], trained[name]) for name in lora)
+
+
+def test_pickle_only_adapter_is_refused_unread(pickle_adapter: Path, monkeypatch: pytest.MonkeyPatch):
+    import peft.utils.save_and_load
+
+    read = []
+    monkeypatch.setattr(peft.utils.save_and_load, "torch_load", lambda *a, **k: read.append(a))
+    with pytest.raises(AdapterError) as raised:
+        load_adapter(_tiny_llama(), pickle_adapter, is_trainable=True)
+    message = str(raised.value)
+    assert "\n" not in message and "adapter_model.bin" in message and "safetensors only" in message
+    assert read == [] and not (pickle_adapter.parent / "pwned").exists()
+    assert isinstance(raised.value, ValueError)  # callers that caught ValueError still do
+
+
+def test_check_adapter_dir_rules(tmp_path: Path):
+    folder = tmp_path / "a"
+    folder.mkdir()
+    with pytest.raises(AdapterError, match="adapter_config.json missing"):
+        check_adapter_dir(folder)
+    (folder / "adapter_config.json").write_text("{}")
+    assert check_adapter_dir(str(folder)) == folder  # no weights yet: PEFT or vLLM says what is missing
+    (folder / "new_embeddings.bin").write_bytes(b"")
+    with pytest.raises(AdapterError, match=r"only pickle weights \(new_embeddings.bin\)"):
+        check_adapter_dir(folder)
+    (folder / "new_embeddings.safetensors").write_bytes(b"")
+    (folder / "adapter_model.pt").write_bytes(b"")
+    with pytest.raises(AdapterError, match="adapter_model.pt"):
+        check_adapter_dir(folder)
+    (folder / "adapter_model.safetensors").write_bytes(b"")
+    (folder / "training_args.bin").write_bytes(b"")  # never read by PEFT or vLLM
+    assert check_adapter_dir(folder) == folder  # PEFT prefers the safetensors file beside the pickle
+
+
+# -------------------------------------------------------------------------------------------- DINOv2
+@pytest.fixture
+def pickle_dinov2(tmp_path: Path) -> Path:
+    from safetensors.torch import load_file
+    from tiny_dinov2 import save_tiny_dinov2
+
+    folder = save_tiny_dinov2(tmp_path / "dinov2")
+    weights = folder / "model.safetensors"
+    with open(folder / "pytorch_model.bin", "wb") as handle:
+        pickle.dump({**load_file(weights), "trap": _Trap(tmp_path / "pwned")}, handle)
+    weights.unlink()
+    return folder
+
+
+def _vfm_backbone(path: str) -> object:
+    from kka_synth.detectors.vfm import VfmConfig, VfmDetector
+
+    return VfmDetector(VfmConfig(model=path))._build_backbone()
+
+
+def _evaluator_backbone(path: str) -> object:
+    from kka_synth.alignment.feature_sad import clear_feature_cache, dinov2_features
+    from kka_synth.config import EvaluatorConfig
+
+    clear_feature_cache()
+    try:
+        return dinov2_features(EvaluatorConfig(name="deepsad-dinov2", model=path, device="cpu"))
+    finally:
+        clear_feature_cache()
+
+
+@pytest.mark.parametrize(
+    ("build", "field"), [(_vfm_backbone, "vfm.model"), (_evaluator_backbone, "evaluator.model")]
+)
+def test_pickle_only_dinov2_is_refused_unread(pickle_dinov2: Path, build, field: str):
+    with pytest.raises(ModelLoadError) as raised:
+        build(str(pickle_dinov2))
+    message = str(raised.value)
+    assert "\n" not in message and "pytorch_model.bin" in message and "safetensors only" in message
+    assert field in message and not (pickle_dinov2.parent / "pwned").exists()
+
+
+def test_load_dinov2_takes_the_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from tiny_dinov2 import save_tiny_dinov2
+    from transformers import Dinov2Model
+
+    from kka_synth.detectors.vfm.model import load_dinov2
+
+    monkeypatch.delenv(TRUST_REMOTE_CODE_ENV, raising=False)
+    assert policy_kwargs(load_dinov2) == {"trust_remote_code": False, "use_safetensors": True}
+    folder = save_tiny_dinov2(tmp_path / "safe")
+    model = load_pretrained(load_dinov2, str(folder), "the DINOv2 backbone", "vfm.model")
+    assert isinstance(model, Dinov2Model) and model.config.hidden_size == 32
+
+
+def test_vllm_engine_starter_takes_the_policy():
+    import functools
+
+    from kka_synth.agents.vllm import start_engine
+
+    seen = {}
+
+    def engine(model: str, **kwargs):
+        seen.update(model=model, **kwargs)
+
+    starter = functools.partial(start_engine, engine)
+    assert policy_kwargs(starter) == {"trust_remote_code": False, "use_safetensors": True}
+    load_pretrained(starter, "org/name", "the engine", "proposer.model", seed=3)
+    assert seen == {"model": "org/name", "trust_remote_code": False, "load_format": "safetensors", "seed": 3}
+
+
 # -------------------------------------------------------------------------------------------- the audit
 def _calls(tree: ast.AST) -> list[ast.Call]:
     return [node for node in ast.walk(tree) if isinstance(node, ast.Call)]
@@ -259,3 +401,113 @@ def test_the_package_never_unpickles():
             if _keyword(call, "trust_remote_code") is True:
                 problems.append(f"{line} with trust_remote_code=True")
     assert problems == []
+
+
+HUB = "kka_synth/utils/hub.py"
+
+FROM_PRETRAINED_ALLOWED: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {
+    ("kka_synth/agents/__init__.py", "cls.from_pretrained"): (
+        "CompactProposer.from_pretrained, the project's own loader; it loads through load_pretrained",
+        (),
+    ),
+    ("kka_synth/agents/chat_agent.py", "TransformersChatModel.from_pretrained"): (
+        "the project's own chat model (agents/hf_chat.py); it loads through load_pretrained",
+        (),
+    ),
+    ("kka_synth/detectors/vfm/model.py", "AutoConfig.from_pretrained"): (
+        "inside load_dinov2, which load_pretrained calls with the policy; it passes trust_remote_code on",
+        ("trust_remote_code",),
+    ),
+    ("kka_synth/detectors/vfm/model.py", "cls.from_pretrained"): (
+        "inside load_dinov2, which load_pretrained calls with the policy; it passes both arguments on",
+        ("trust_remote_code", "use_safetensors"),
+    ),
+}
+"""``.from_pretrained`` calls outside utils/hub.py that may stay, with why, and the policy keywords each must
+pass on (as variables, never as constants)."""
+
+_LOADERS = ("from_pretrained", "from_single_file")
+
+OTHER_LOADERS = {
+    "load_dinov2": "names trust_remote_code and use_safetensors in its signature and passes them on",
+    "functools.partial(start_engine, vllm.LLM)": "start_engine names both; vLLM gets load_format=safetensors",
+    "diffusers.DiffusionPipeline.load_config": "reads model_index.json only, no weights and no code",
+}
+"""Loaders other than a ``from_pretrained`` that load_pretrained may be handed, with why each is safe."""
+
+
+def _loader_arguments(tree: ast.AST) -> set[int]:
+    """ids of the expressions handed to load_pretrained as its loader (its first argument)."""
+    return {
+        id(call.args[0])
+        for call in _calls(tree)
+        if ast.unparse(call.func).split(".")[-1] == "load_pretrained" and call.args
+    }
+
+
+def test_every_loader_goes_through_the_policy():
+    """Outside utils/hub.py, a ``from_pretrained`` (or ``from_single_file``) is only ever handed to
+    load_pretrained, never called, unless FROM_PRETRAINED_ALLOWED names it; PEFT adapters load only
+    through load_adapter; the vLLM engine only through start_engine."""
+    problems, found = [], set()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        where = path.relative_to(PACKAGE.parent).as_posix()
+        if where == HUB:
+            continue
+        tree = ast.parse(path.read_text("utf-8"))
+        handed = _loader_arguments(tree)
+        called = {id(call.func): call for call in _calls(tree)}
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Attribute) and node.attr in _LOADERS):
+                continue
+            name = ast.unparse(node)
+            line = f"{where}:{node.lineno} {name}"
+            if name.split(".")[-2] == "PeftModel":
+                problems.append(f"{line}: load adapters with kka_synth.utils.hub.load_adapter")
+            elif id(node) in handed:
+                continue
+            elif (where, name) not in FROM_PRETRAINED_ALLOWED:
+                problems.append(f"{line}: pass it to load_pretrained (or allow-list it with a reason)")
+            elif id(node) not in called:
+                problems.append(f"{line}: allow-listed as a call, but used as a value")
+            else:
+                found.add((where, name))
+                for key in FROM_PRETRAINED_ALLOWED[(where, name)][1]:
+                    value = _keyword(called[id(node)], key)
+                    if value != "not a constant":
+                        problems.append(f"{line}: must pass {key} on from the policy, got {value}")
+        for call in _calls(tree):
+            func = ast.unparse(call.func)
+            if func.split(".")[-1] == "load_pretrained" and call.args:
+                loader = ast.unparse(call.args[0])
+                if loader.split(".")[-1] not in _LOADERS and loader not in OTHER_LOADERS:
+                    problems.append(
+                        f"{where}:{call.lineno} load_pretrained({loader}, ...): not a known loader"
+                    )
+            if func in ("vllm.LLM", "LLM"):
+                problems.append(
+                    f"{where}:{call.lineno} {func}: start the engine with agents.vllm.start_engine"
+                )
+    stale = sorted(set(FROM_PRETRAINED_ALLOWED) - found)
+    assert problems == [] and stale == []
+
+
+def test_the_audit_catches_a_bare_loader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A new bare ``from_pretrained`` call or ``PeftModel.from_pretrained`` makes the audit fail."""
+    fake = tmp_path / "kka_synth"
+    for relative in {where for where, _ in FROM_PRETRAINED_ALLOWED}:
+        target = fake / relative.removeprefix("kka_synth/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text((PACKAGE.parent / relative).read_text("utf-8"))
+    monkeypatch.setattr(f"{__name__}.PACKAGE", fake)
+    test_every_loader_goes_through_the_policy()  # the copies alone pass
+    for source in (
+        "from peft import PeftModel\n\ndef f(m, p):\n    return PeftModel.from_pretrained(m, p)\n",
+        "from transformers import AutoModel\n\ndef f(p):\n    return AutoModel.from_pretrained(p)\n",
+        "from transformers import AutoModel\n\nLOADER = AutoModel.from_pretrained\n",
+        "import vllm\n\ndef f(p):\n    return vllm.LLM(p)\n",
+        "from kka_synth.utils.hub import load_pretrained\n\nX = load_pretrained(open, 'p', 'w', 'f')\n",
+    ):
+        (fake / "bad.py").write_text(source)
+        with pytest.raises(AssertionError):
+            test_every_loader_goes_through_the_policy()

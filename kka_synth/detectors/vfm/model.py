@@ -58,17 +58,26 @@ def random_dinov2(arch: str, seed: int) -> nn.Module:
         return Dinov2Model(config)
 
 
-def load_dinov2(name_or_path: str) -> nn.Module:
-    """``Dinov2Model`` or ``Dinov2WithRegistersModel`` from a Hub id or local directory, by its config."""
+def load_dinov2(
+    name_or_path: str, trust_remote_code: bool = False, use_safetensors: bool = True
+) -> nn.Module:
+    """``Dinov2Model`` or ``Dinov2WithRegistersModel`` from a Hub id or local directory, by its config.
+
+    Call it through :func:`kka_synth.utils.hub.load_pretrained`, which reads the two policy arguments from
+    this signature: a local folder with only pickle weights is then refused before anything is read, and
+    ``trust_remote_code`` is what the user allowed. Both are passed on to transformers as given.
+    """
     from transformers import AutoConfig, Dinov2Model, Dinov2WithRegistersModel
 
-    config = AutoConfig.from_pretrained(name_or_path)
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     if config.model_type not in DINOV2_TYPES:
         raise ValueError(
             f"model_type {config.model_type!r} is not a DINOv2 model ({', '.join(DINOV2_TYPES)})"
         )
     cls = Dinov2Model if config.model_type == "dinov2" else Dinov2WithRegistersModel
-    return cls.from_pretrained(name_or_path)
+    return cls.from_pretrained(
+        name_or_path, config=config, trust_remote_code=trust_remote_code, use_safetensors=use_safetensors
+    )
 
 
 class Backbone(nn.Module):

@@ -26,6 +26,7 @@ from kka_synth.agents.compact import narrow_vocabulary
 from kka_synth.agents.grammar import GrammarError
 from kka_synth.config import ConfigError, ProposerConfig
 from kka_synth.types import REGIONS, SHAPES, SPEC_FIELDS, TONES
+from kka_synth.utils.hub import ModelLoadError
 
 REASONS = {"not_json", "missing_field", "unknown_type", "bad_region", "bad_size", "bad_shape", "bad_tone",
            "bad_severity"}  # fmt: skip
@@ -192,6 +193,24 @@ def test_apply_adapter_errors(tiny_proposer: CompactProposer, tmp_path, make_con
     get_peft_model(proposer.model, lora)  # injects LoRA layers in place, as a DPO trainer would
     with pytest.raises(AdapterError, match="already carries LoRA layers"):
         proposer.apply_adapter(tmp_path / "adapter")
+
+
+def test_pickle_only_adapter_is_refused(tiny_proposer: CompactProposer, tmp_path, make_config) -> None:
+    proposer = CompactProposer.from_pretrained(tiny_proposer.path, make_config())
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "adapter_model.bin").write_bytes(b"never read")
+    with pytest.raises(AdapterError, match=r"only pickle weights \(adapter_model.bin\)") as error:
+        proposer.apply_adapter(tmp_path)
+    assert "\n" not in str(error.value)
+
+
+def test_pickle_only_model_folder_is_refused(tiny_proposer: CompactProposer, tmp_path, make_config) -> None:
+    folder = tmp_path / "saved"
+    tiny_proposer.save_pretrained(folder)
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")  # only the name matters: not read
+    with pytest.raises(ModelLoadError, match="only pickle weights") as error:
+        CompactProposer.from_pretrained(folder, make_config())
+    assert "\n" not in str(error.value) and "proposer.model" in str(error.value)
 
 
 def test_build_proposer_backends(tiny_proposer: CompactProposer) -> None:

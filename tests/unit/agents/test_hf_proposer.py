@@ -231,6 +231,11 @@ def test_apply_adapter_needs_an_adapter_folder(proposer: TransformersProposer, t
     with pytest.raises(AdapterError, match="adapter_config.json missing"):
         proposer.apply_adapter(tmp_path)
     assert proposer.adapter is None
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "adapter_model.bin").write_bytes(b"never read")
+    with pytest.raises(AdapterError, match=r"only pickle weights \(adapter_model.bin\)") as error:
+        proposer.apply_adapter(tmp_path)
+    assert "\n" not in str(error.value) and proposer.adapter is None
 
 
 def test_missing_model_is_one_clear_line(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import dataclasses
 import gc
 import importlib.machinery
 import json
+import shutil
 import sys
 import types
 import weakref
@@ -31,7 +32,7 @@ from kka_synth.agents.parsing import parse_reply
 from kka_synth.agents.vllm import VLLMProposer
 from kka_synth.config import ProposerConfig
 from kka_synth.prompts.templates import example_reply
-from kka_synth.utils.hub import ModelLoadError
+from kka_synth.utils.hub import TRUST_REMOTE_CODE_ENV, ModelLoadError
 
 
 @dataclasses.dataclass
@@ -151,6 +152,8 @@ def test_engine_is_built_from_the_config(fake: FakeVLLM, model_dir: Path) -> Non
         "enable_lora": True,
         "max_lora_rank": 32,
         "gpu_memory_utilization": 0.4,
+        "trust_remote_code": False,
+        "load_format": "safetensors",
     }
     assert proposer.tokenizer.padding_side == "left" and proposer.tokenizer.chat_template
     VLLMProposer(_config(model_dir, dtype="float16"))
@@ -266,6 +269,35 @@ def test_prompt_text_is_the_engine_chat_template(
         messages, tokenize=False, add_generation_prompt=True
     )
     assert proposer.prompt_text(messages) == expected and expected.endswith("<|im_start|>assistant\n")
+
+
+def test_the_loading_policy_reaches_the_engine(
+    fake: FakeVLLM, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--trust-remote-code is passed through; a folder with only pickle weights never reaches the engine."""
+    monkeypatch.setenv(TRUST_REMOTE_CODE_ENV, "1")
+    VLLMProposer(_config(model_dir))
+    assert fake.init["trust_remote_code"] is True and fake.init["load_format"] == "safetensors"
+    monkeypatch.delenv(TRUST_REMOTE_CODE_ENV)
+    pickled = tmp_path / "pickled"
+    shutil.copytree(model_dir, pickled)
+    weights = pickled / "model.safetensors"
+    weights.with_suffix(".bin").write_bytes(b"not read")
+    weights.unlink()
+    fake.init = {}
+    with pytest.raises(ModelLoadError, match="only pickle weights") as error:
+        VLLMProposer(_config(pickled))
+    assert "\n" not in str(error.value) and "proposer.model" in str(error.value)
+    assert fake.init == {}
+
+
+def test_pickle_only_adapter_is_not_served(fake: FakeVLLM, model_dir: Path, tmp_path: Path) -> None:
+    proposer = VLLMProposer(_config(model_dir))
+    adapter = _adapter(tmp_path / "pickled")
+    (adapter / "adapter_model.bin").write_bytes(b"not read")
+    with pytest.raises(AdapterError, match=r"only pickle weights \(adapter_model.bin\)") as error:
+        proposer.apply_adapter(adapter)
+    assert "\n" not in str(error.value) and proposer.lora_request is None
 
 
 def test_missing_model_fails_before_the_engine(fake: FakeVLLM, tmp_path: Path) -> None:

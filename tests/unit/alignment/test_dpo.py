@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -141,6 +142,12 @@ def test_adapter_continues_from_the_previous_round(trained, tokenizer, pairs, tm
     assert preference_margin(round_two, tokenizer, pairs) == pytest.approx(second.margin_after, abs=1e-3)
     with pytest.raises(ValueError, match="no LoRA adapter"):
         train_dpo(model, tokenizer, pairs, config, tmp_path / "x", seed=1, start_adapter=tmp_path / "none")
+    pickled = tmp_path / "pickled"
+    shutil.copytree(first.adapter_dir, pickled)
+    (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")  # not read: name only
+    with pytest.raises(ValueError, match=r"only pickle weights \(adapter_model.bin\)") as error:
+        train_dpo(model, tokenizer, pairs, config, tmp_path / "y", seed=1, start_adapter=pickled)
+    assert "\n" not in str(error.value) and not (tmp_path / "y").exists()
 
 
 def test_sequence_logprobs_match_one_by_one(tokenizer) -> None:
