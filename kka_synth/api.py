@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kka_synth.config import ConfigError, RunConfig, profile_defaults
-from kka_synth.runs import RunDir, read_candidates, read_jsonl
+from kka_synth.runs import RunDir, inside, read_candidates, read_jsonl
 
 Progress = Callable[[str, int, int], None]
 """``progress(task, done, total)``, as the CLI's progress bars receive it."""
@@ -106,7 +106,9 @@ class Run:
     def candidates(self, iteration: int | None = None, label: str | None = None) -> list[dict[str, Any]]:
         """Rows of ``candidates.parquet`` (every iteration, or one), optionally only one label.
 
-        ``image`` and ``mask`` become absolute paths (None when absent); ``label`` is hard, easy or rejected.
+        ``image`` and ``mask`` become the paths of the files (None when absent); ``label`` is hard, easy or
+        rejected. A path that leads out of the run directory (a tampered file) raises a one-line
+        :class:`~kka_synth.runs.RunError`.
         """
         rows = []
         for k in [iteration] if iteration is not None else self.iterations():
@@ -114,21 +116,30 @@ class Run:
             for row in read_candidates(folder):
                 if label is not None and row["label"] != label:
                     continue
-                for key in ("image", "mask"):
-                    row[key] = None if row[key] is None else str(folder / row[key])
-                rows.append(row)
+                rows.append(self._with_paths(row, folder))
         return rows
 
     def curated(self) -> list[dict[str, Any]]:
-        """The curated hard set's index (``curated/index.jsonl``) with absolute image and mask paths."""
+        """The curated hard set's index (``curated/index.jsonl``) with the paths of its images and masks.
+
+        As in :meth:`candidates`, a path that leads out of the run directory raises a one-line RunError.
+        """
         index = self._dir.curated_dir / "index.jsonl"
         if not index.is_file():
             return []
-        rows = read_jsonl(index)
-        for row in rows:
-            for key in ("image", "mask"):
-                row[key] = None if row[key] is None else str(self._dir.curated_dir / row[key])
-        return rows
+        return [self._with_paths(row, self._dir.curated_dir) for row in read_jsonl(index)]
+
+    def _with_paths(self, row: dict[str, Any], folder: Path) -> dict[str, Any]:
+        """``row`` with its ``image`` and ``mask`` (relative to ``folder``) as paths checked to stay inside
+        the run directory."""
+        for key in ("image", "mask"):
+            value = row.get(key)
+            if value is not None:
+                inside(self.path, folder / str(value))
+                row[key] = str(folder / str(value))
+            else:
+                row[key] = None
+        return row
 
     def report(self) -> Path:
         """Write (or rewrite) ``report.html`` and return its path."""
@@ -177,12 +188,19 @@ def evaluate(
     variants: list[str] | None = None,
     seeds: int | None = None,
     image_size: int | None = None,
+    options: dict[str, dict[str, Any]] | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Train detectors on each synthetic-set variant of ``run`` and test them on the real test split.
 
     Returns the summary also written to ``metrics.json`` (metrics per category, detector and variant, as mean
     and std over seeds). Arguments left None keep the run's ``eval`` settings.
+
+    ``options`` has the shape of the config's ``eval.options``: detector name -> fields of that detector's
+    config, e.g. ``{"draem": {"steps": 400}}``. Each detector's fields are laid over the run's own
+    ``eval.options`` for it, and checked before anything is trained: an unknown detector or field, or a bad
+    value, raises a one-line ConfigError naming ``eval.options.<detector>``. A result trained with other
+    options is not reused.
     """
     from kka_synth.eval.protocol import evaluate_run
 
@@ -196,7 +214,7 @@ def evaluate(
         )
         if value is not None
     }
-    return evaluate_run(_run_path(run), overrides, progress=progress)
+    return evaluate_run(_run_path(run), overrides, progress=progress, options=options)
 
 
 def publish(run: Run | str | Path, repo_id: str | None = None, **options: Any) -> Any:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from kka_synth.hub_card import PLOT_PATH, build_card, hard_share_png, iteration_stats
-from kka_synth.runs import RunDir, RunError, read_candidates, read_jsonl
+from kka_synth.runs import RunDir, RunError, inside, read_candidates, read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -116,8 +116,22 @@ def _columns(candidate: dict[str, Any], run_seed: int) -> dict[str, Any]:
     }
 
 
+def _run_file(run: RunDir, folder: Path, value: Any, source: str) -> Path:
+    """``folder / value``, a path read from the run's file ``source``, after checking that it stays inside
+    the run directory; a one-line PublishError otherwise (the file was edited by hand or tampered with)."""
+    path = folder / str(value)
+    try:
+        inside(run.path, path)
+    except RunError as error:
+        raise PublishError(f"{source}: {error}") from None
+    return path
+
+
 def collect_rows(run: RunDir, include: str) -> list[_Row]:
-    """The rows to publish: the curated set (from ``curated/index.jsonl``) or every kept candidate."""
+    """The rows to publish: the curated set (from ``curated/index.jsonl``) or every kept candidate.
+
+    Every image and mask path is checked to stay inside the run directory before anything is read.
+    """
     run_seed = int((run.manifest.get("seeds") or {}).get("run", run.manifest["config"].get("seed", 0)))
     iterations = run.path / "iterations"
     cache: dict[int, dict[str, dict[str, Any]]] = {}
@@ -139,8 +153,12 @@ def collect_rows(run: RunDir, include: str) -> list[_Row]:
             candidate = candidates(int(entry["iteration"])).get(entry["id"])
             if candidate is None:
                 raise PublishError(f"curated/index.jsonl names {entry['id']}, which its iteration lacks")
-            mask = None if entry["mask"] is None else run.curated_dir / entry["mask"]
-            rows.append(_Row(_columns(candidate, run_seed), run.curated_dir / entry["image"], mask))
+            source = "curated/index.jsonl"
+            mask = (
+                None if entry.get("mask") is None else _run_file(run, run.curated_dir, entry["mask"], source)
+            )
+            image = _run_file(run, run.curated_dir, entry["image"], source)
+            rows.append(_Row(_columns(candidate, run_seed), image, mask))
     else:
         found = (
             sorted(int(p.name) for p in iterations.iterdir() if p.name.isdigit())
@@ -153,8 +171,14 @@ def collect_rows(run: RunDir, include: str) -> list[_Row]:
                 continue
             for candidate in candidates(k).values():
                 if candidate["label"] in ("hard", "easy"):
-                    mask = None if candidate["mask"] is None else folder / candidate["mask"]
-                    rows.append(_Row(_columns(candidate, run_seed), folder / candidate["image"], mask))
+                    source = f"iterations/{k}/candidates.parquet"
+                    mask = (
+                        None
+                        if candidate["mask"] is None
+                        else _run_file(run, folder, candidate["mask"], source)
+                    )
+                    image = _run_file(run, folder, candidate["image"], source)
+                    rows.append(_Row(_columns(candidate, run_seed), image, mask))
     if not rows:
         what = "curated set" if include == "curated" else "set of kept candidates"
         raise PublishError(f"run {run.path.name} has an empty {what}: nothing to publish")

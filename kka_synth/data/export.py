@@ -21,7 +21,8 @@ the normals their own; anomalib resizes both.
 Category and defect-type names become folder names, so each must be a single plain path component: an
 empty name, ``.``/``..``, a leading dot, a path separator or a control character raises
 :class:`ExportError`. The folder is built beside ``out_dir`` and renamed into place, and ``out_dir`` must be
-new or empty, so nothing outside it is touched and a failed export leaves nothing behind.
+new or empty, so nothing outside it is touched and a failed export leaves nothing behind. Image and mask
+paths read from the run's files must stay inside the run directory, or the export stops with one line.
 """
 
 from __future__ import annotations
@@ -39,9 +40,11 @@ from kka_synth.data.samples import load_samples
 from kka_synth.data.tree import NORMAL, split_normals
 from kka_synth.runs import (
     RunDir,
+    RunError,
     atomic_dir,
     atomic_write_json,
     atomic_write_text,
+    inside,
     read_candidates,
     read_jsonl,
 )
@@ -94,6 +97,17 @@ def _inside(path: Path, root: Path) -> Path:
     return path
 
 
+def _run_file(run: RunDir, folder: Path, value: Any, source: str) -> Path:
+    """``folder / value``, a path read from the run's file ``source``, after checking that it stays inside
+    the run directory (so a tampered file cannot make the export copy files from elsewhere)."""
+    path = folder / str(value)
+    try:
+        inside(run.path, path)
+    except RunError as error:
+        raise ExportError(f"{source}: {error}") from None
+    return path
+
+
 _PROVENANCE = ("id", "iteration", "source_id", "label", "hardness", "text")
 """Candidate fields export.json keeps for every synthetic file."""
 
@@ -111,8 +125,12 @@ def _curated_rows(run: RunDir) -> list[dict[str, Any]]:
             "label": "hard",
             "category": r["category"],
             "defect_type": r["defect_type"],
-            "image_file": run.curated_dir / r["image"],
-            "mask_file": None if r.get("mask") is None else run.curated_dir / r["mask"],
+            "image_file": _run_file(run, run.curated_dir, r["image"], "curated/index.jsonl"),
+            "mask_file": (
+                None
+                if r.get("mask") is None
+                else _run_file(run, run.curated_dir, r["mask"], "curated/index.jsonl")
+            ),
         }
         for r in read_jsonl(index)
     ]
@@ -123,6 +141,7 @@ def _kept_rows(run: RunDir) -> list[dict[str, Any]]:
     rows = []
     for k in range(1, run.config.iterations + 1):
         folder = run.iteration_dir(k)
+        source = f"iterations/{k}/candidates.parquet"
         if not (folder / "candidates.parquet").is_file():
             continue
         for r in read_candidates(folder):
@@ -133,8 +152,8 @@ def _kept_rows(run: RunDir) -> list[dict[str, Any]]:
                     **{key: r.get(key) for key in _PROVENANCE},
                     "category": r["category"],
                     "defect_type": r["spec"]["defect_type"],
-                    "image_file": folder / r["image"],
-                    "mask_file": None if r["mask"] is None else folder / r["mask"],
+                    "image_file": _run_file(run, folder, r["image"], source),
+                    "mask_file": None if r["mask"] is None else _run_file(run, folder, r["mask"], source),
                 }
             )
     if not rows:

@@ -17,7 +17,9 @@ Every (category, detector, variant, seed) writes ``eval/<category>/<detector>/<v
 ``result.json`` (metrics, ROC curves, timings, overlay captions, and the ``notes`` a detector states about
 itself, such as random backbone weights), ``overlays/`` (a few test images with their
 anomaly maps) and ``model/`` (the trained weights). A finished result is kept and reused when the command is
-run again, so an interrupted evaluation loses nothing. ``metrics.json`` (mean and std over seeds) and
+run again with the same ``eval.options`` for its detector (result.json records them), so an interrupted
+evaluation loses nothing. Image and mask paths read from the run's curated index must stay inside the run
+directory. ``metrics.json`` (mean and std over seeds) and
 ``metrics.md`` (a table per category) are rebuilt from the results at the end. On MVTec LOCO AD the metrics
 also hold ``logical_auroc`` and ``structural_auroc`` (each anomaly kind against all normal test images).
 """
@@ -41,7 +43,7 @@ from kka_synth.data import DataError, load_mask, load_rgb, load_samples, save_rg
 from kka_synth.data.mvtec import loco_defects_config, loco_regions
 from kka_synth.eval.metrics import PixelScores, anomaly_metrics, image_auroc, roc_points
 from kka_synth.prompts.knowledge import load_knowledge, read_user_knowledge
-from kka_synth.runs import RunDir, atomic_dir, atomic_write_json, atomic_write_text, read_jsonl
+from kka_synth.runs import RunDir, atomic_dir, atomic_write_json, atomic_write_text, inside, read_jsonl
 from kka_synth.synth.perlin import PerlinAnomalies
 from kka_synth.types import Sample, SyntheticStage
 
@@ -126,6 +128,9 @@ class Evaluation:
         self.progress = progress or _silent
         self.size = config.image_size or self.run_config.data.image_size
         self.folder = run.path / "eval"
+        check_detector_options(config.options)
+        for name in config.detectors:  # bad options fail here, before any data is read or model trained
+            self._detector_config(name, self.run_config.seed)
 
     # data --------------------------------------------------------------------------------------------
     def _samples(self) -> dict[str, list[Sample]]:
@@ -176,9 +181,12 @@ class Evaluation:
         for row in read_jsonl(index):
             if row["category"] != category:
                 continue
-            image = load_rgb(curated / row["image"], self.size)
+            # paths read from the run's own file: a tampered one may not lead out of the run directory
+            image = load_rgb(inside(self.run.path, curated / str(row["image"])), self.size)
             # a text-to-image anomaly may have no mask; detectors that need one skip it (and say so)
-            mask = None if row.get("mask") is None else load_mask(curated / row["mask"], self.size)
+            mask = None
+            if row.get("mask") is not None:
+                mask = load_mask(inside(self.run.path, curated / str(row["mask"])), self.size)
             clean = normal.get(str(row.get("source_id", "")).split("/")[-1])
             anomalies.append((image, mask, clean))
         return SyntheticStage("kka", anomalies=anomalies) if anomalies else None
@@ -187,7 +195,9 @@ class Evaluation:
     def result_dir(self, category: str, detector: str, variant: str, seed: int) -> Path:
         return self.folder / category / detector / variant / f"seed{seed}"
 
-    def _detector(self, name: str, seed: int, task: str, category: str | None = None) -> Any:
+    def _detector_config(self, name: str, seed: int, category: str | None = None) -> Any:
+        """The config of detector ``name``: its profile's defaults, then ``eval.options``, then ``seed``;
+        a field it lacks or a bad value is a one-line ConfigError naming ``eval.options.<name>``."""
         from kka_synth.detectors import DETECTORS
 
         cls = DETECTORS[name]
@@ -203,10 +213,24 @@ class Evaluation:
                 ).components
             )
         try:
-            config = cls.config_class(**options)
+            return cls.config_class(**options)
         except (TypeError, ValueError) as error:
             raise ConfigError(f"eval.options.{name}: {error}") from None
-        return cls(config, progress=lambda done, total: self.progress(task, done, total))
+
+    def _detector(self, name: str, seed: int, task: str, category: str | None = None) -> Any:
+        from kka_synth.detectors import DETECTORS
+
+        config = self._detector_config(name, seed, category)
+        return DETECTORS[name](config, progress=lambda done, total: self.progress(task, done, total))
+
+    def _options_of(self, name: str) -> dict[str, Any]:
+        """``eval.options`` of detector ``name`` as result.json stores them (JSON types)."""
+        return json.loads(json.dumps(self.config.options.get(name, {}), default=str))
+
+    def _finished(self, category: str, detector: str, variant: str, seed: int) -> bool:
+        """Whether a result of this combination exists and was trained with the current ``eval.options``."""
+        result = _read_result(self.result_dir(category, detector, variant, seed))
+        return result is not None and result.get("options", {}) == self._options_of(detector)
 
     def _evaluate_one(
         self,
@@ -252,6 +276,7 @@ class Evaluation:
                 },
                 "test_images": {"normal": int((test.labels == 0).sum()), "anomalous": int(test.labels.sum())},
                 "image_size": self.size,
+                "options": self._options_of(detector_name),
                 "curves": curves,
                 "overlays": overlays,
                 "notes": [str(note) for note in getattr(detector, "notes", [])],
@@ -310,7 +335,7 @@ class Evaluation:
                 for d in self.config.detectors
                 for v in self.config.variants
                 for s in seeds
-                if not (self.result_dir(category, d, v, s) / "result.json").is_file()
+                if not self._finished(category, d, v, s)
             ]
             if not todo:
                 continue
@@ -446,12 +471,41 @@ def metrics_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_detector_options(options: Any, where: str = "eval.options") -> None:
+    """Check that ``options`` has the shape of ``eval.options``: known detector names mapped to mappings
+    of field names; a one-line ConfigError otherwise. The fields themselves are checked by each detector's
+    config class (see :meth:`Evaluation._detector_config`)."""
+    from kka_synth.detectors import DETECTORS
+
+    if not isinstance(options, dict):
+        raise ConfigError(f"{where} must map detector names to their options, got {type(options).__name__}")
+    for name, fields in options.items():
+        if name not in DETECTORS:
+            raise ConfigError(f"{where} names unknown detector {name!r} (known: {', '.join(DETECTORS)})")
+        if not isinstance(fields, dict) or not all(isinstance(key, str) for key in fields):
+            raise ConfigError(f"{where}.{name} must map field names to values, got {fields!r:.80}")
+
+
 def evaluate_run(
-    run_dir: str | Path, overrides: dict[str, Any] | None = None, progress: Progress | None = None
+    run_dir: str | Path,
+    overrides: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+    options: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a finished run directory; ``overrides`` replace fields of the run's eval config."""
+    """Evaluate a finished run directory; ``overrides`` replace fields of the run's eval config.
+
+    ``options`` (the shape of ``eval.options``) are laid over the run's ``eval.options`` detector by
+    detector: ``{"draem": {"steps": 10}}`` changes ``steps`` and keeps the run's other draem options.
+    """
     run = RunDir.load(run_dir)
     config = run.config.eval
+    overrides = dict(overrides or {})
+    if options is not None:
+        check_detector_options(options, "options")
+        merged = dict(overrides.get("options", config.options))
+        for name, fields in options.items():
+            merged[name] = {**merged.get(name, {}), **fields}
+        overrides["options"] = merged
     if overrides:
         data = {**config.__dict__, **overrides}
         try:
@@ -467,6 +521,7 @@ __all__ = [
     "METRIC_TITLES",
     "Evaluation",
     "TestSplit",
+    "check_detector_options",
     "evaluate_run",
     "format_cell",
     "loco_aurocs",

@@ -439,3 +439,45 @@ def test_failed_dry_run_leaves_no_folder(run_dir: Path, tmp_path: Path, monkeypa
     # the Hub client is itself again
     assert {name: HfApi.__dict__[name] for name in before} == before
     assert constants.HF_HUB_OFFLINE == offline
+
+
+def _tamper_index(run: Path, key: str, value: str) -> None:
+    """Set ``key`` of the first row of the run's curated/index.jsonl to ``value``."""
+    index = run / "curated" / "index.jsonl"
+    rows = [json.loads(line) for line in index.read_text().splitlines() if line.strip()]
+    rows[0][key] = value
+    index.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def _tamper_candidates(run: Path, key: str, value: str) -> None:
+    """Set ``key`` of every kept candidate of iteration 1 to ``value``."""
+    folder = run / "iterations" / "1"
+    rows = read_candidates(folder)
+    for row in rows:
+        if row["label"] != "rejected":
+            row[key] = value
+    write_candidates(folder, rows)
+
+
+@pytest.mark.parametrize(
+    ("include", "tamper", "key", "value"),
+    [
+        ("curated", _tamper_index, "image", "../../../secret.png"),
+        ("curated", _tamper_index, "mask", "/SECRET"),
+        ("all", _tamper_candidates, "image", "../../../../secret.png"),
+        ("all", _tamper_candidates, "mask", "images/link.png"),  # a link that points out of the run
+    ],
+)
+def test_paths_leading_out_of_the_run_are_refused(tmp_path: Path, include: str, tamper, key: str, value: str):
+    """A run file edited to name a file outside the run directory stops the publish in one line, before
+    any file is read or any folder made."""
+    secret = tmp_path / "secret.png"
+    save_rgb(secret, np.zeros((SIZE, SIZE, 3), dtype=np.uint8))  # readable: only the check stops it
+    run = _write_run(tmp_path / "runs", name="tampered")
+    (run / "iterations" / "1" / "images" / "link.png").symlink_to(secret)
+    tamper(run, key, value.replace("/SECRET", str(secret)))
+    with pytest.raises(PublishError, match="lies outside") as error:
+        publish(run, None, dry_run=tmp_path / "out", include=include)
+    message = str(error.value)
+    assert "\n" not in message and ("curated/index.jsonl" in message or "candidates.parquet" in message)
+    assert not (tmp_path / "out").exists()

@@ -189,3 +189,37 @@ def test_safe_name_refuses(name: str) -> None:
     with pytest.raises(ExportError):
         safe_name(name, "defect type")
     assert safe_name("broken_large", "defect type") == "broken_large"
+
+
+@pytest.mark.parametrize(
+    ("include", "key", "value"),
+    [
+        ("curated", "image", "../../secret.png"),
+        ("curated", "mask", "/SECRET"),
+        ("all", "image", "../../../secret.png"),
+    ],
+)
+def test_paths_leading_out_of_the_run_are_refused(tmp_path: Path, include: str, key: str, value: str) -> None:
+    """A tampered curated/index.jsonl or candidates.parquet cannot make the export copy outside files."""
+    from kka_synth.runs import read_candidates
+
+    source = _dataset(tmp_path / "data", with_test=True)
+    run_path, _ = _run(tmp_path, "mvtec_ad", source)
+    _curate(run_path)
+    secret = tmp_path / "runs" / "secret.png"
+    save_rgb(secret, np.zeros((SIZE, SIZE, 3), dtype=np.uint8))
+    value = value.replace("/SECRET", str(secret))
+    if include == "curated":
+        index = run_path / "curated" / "index.jsonl"
+        rows = [json.loads(line) for line in index.read_text().splitlines()]
+        rows[0][key] = value
+        index.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    else:
+        folder = run_path / "iterations" / "1"
+        rows = read_candidates(folder)
+        rows[0][key] = value
+        write_candidates(folder, rows)
+    out = tmp_path / "export"
+    with pytest.raises(ExportError, match="lies outside") as error:
+        export_run(run_path, out, include=include)
+    assert "\n" not in str(error.value) and not out.exists()

@@ -20,9 +20,10 @@ SIZE = 32
 
 
 class FakeConfig:
-    def __init__(self, seed: int = 0, gain: float = 1.0):
+    def __init__(self, seed: int = 0, gain: float = 1.0, offset: float = 0.0):
         self.seed = seed
         self.gain = gain
+        self.offset = offset
 
 
 class RecordingDetector:
@@ -40,7 +41,12 @@ class RecordingDetector:
     def fit(self, normal, synthetic=None):
         self.mean = np.mean([image.astype(np.float32) for image in normal], axis=0)
         RecordingDetector.calls.append(
-            {"normal": [image.copy() for image in normal], "stages": synthetic, "seed": self.config.seed}
+            {
+                "normal": [image.copy() for image in normal],
+                "stages": synthetic,
+                "seed": self.config.seed,
+                "options": (self.config.gain, self.config.offset),
+            }
         )
 
     def predict(self, images):
@@ -186,3 +192,52 @@ def test_markdown_shows_mean_and_std():
     }
     text = metrics_markdown(summary)
     assert "| draem | rule | 0.900 ± 0.050 | – |" in text
+
+
+def test_curated_paths_leading_out_of_the_run_are_refused(run_dir: Path, tmp_path: Path, fake_detector):
+    secret = tmp_path / "secret.png"
+    save_rgb(secret, np.zeros((SIZE, SIZE, 3), dtype=np.uint8))  # readable: only the check stops it
+    index = run_dir / "curated" / "index.jsonl"
+    rows = [json.loads(line) for line in index.read_text().splitlines()]
+    for key, value in (("image", "../../secret.png"), ("mask", str(secret))):
+        changed = [dict(row) for row in rows]
+        changed[0][key] = value
+        write_jsonl(index, changed)
+        with pytest.raises(RunError, match="lies outside") as error:
+            evaluate_run(run_dir, {"variants": ["kka"]})
+        assert "\n" not in str(error.value) and fake_detector.calls == []
+
+
+def test_options_reach_the_detector_and_are_checked_first(run_dir: Path, fake_detector):
+    evaluate_run(run_dir, {"variants": ["none"]}, options={"fake": {"gain": 3.0}})
+    assert len(fake_detector.calls) == 2  # brick and washer
+    result = json.loads((run_dir / "eval/brick/fake/none/seed0/result.json").read_text())
+    assert result["options"] == {"gain": 3.0}
+    evaluate_run(run_dir, {"variants": ["none"]}, options={"fake": {"gain": 3.0}})
+    assert len(fake_detector.calls) == 2  # same options: the results are reused
+    evaluate_run(run_dir, {"variants": ["none"]})
+    assert len(fake_detector.calls) == 4  # the run's own options (none): trained again
+    cases = [
+        ({"fake": {"gian": 1.0}}, "eval.options.fake: .*gian"),
+        ({"nope": {}}, "unknown detector 'nope'"),
+        ({"fake": 3}, "options.fake must map field names"),
+        (["fake"], "options must map detector names"),
+    ]
+    for options, message in cases:
+        with pytest.raises(ConfigError, match=message) as error:
+            evaluate_run(run_dir, {"variants": ["none"]}, options=options)
+        assert "\n" not in str(error.value)
+    assert len(fake_detector.calls) == 4  # nothing was trained for a bad request
+
+
+def test_options_are_laid_over_the_run_options(run_dir: Path, fake_detector):
+    """A detector's given fields replace the run's; the run's other fields stay; the profile's come first."""
+    run = RunDir.load(run_dir)
+    run.manifest["config"]["eval"]["options"] = {"fake": {"offset": 2.0}}
+    run.save_manifest()
+    evaluate_run(run_dir, {"variants": ["none"]})
+    assert fake_detector.calls[-1]["options"] == (2.0, 2.0)  # gain 2.0 from the offline profile
+    evaluate_run(run_dir, {"variants": ["none"]}, options={"fake": {"gain": 0.5}})
+    assert fake_detector.calls[-1]["options"] == (0.5, 2.0)
+    result = json.loads((run_dir / "eval/washer/fake/none/seed0/result.json").read_text())
+    assert result["options"] == {"offset": 2.0, "gain": 0.5}
