@@ -26,10 +26,10 @@ generator seeded by (run seed, iteration, stage, category), so a redone stage re
 
 Under ``accelerate launch --num_processes N`` (several GPUs or nodes, one run directory on a shared file
 system) the render stage is split over the processes: each renders a contiguous share of the jobs on its own
-device, writes its images and masks (named by candidate id) and its records to ``shards/render-<rank>.jsonl``,
-and the main process merges the shards, checks that every job came back exactly once, runs the filters
-(the batch band needs a category's whole batch) and writes ``candidates.parquet``. A job's seeds do not
-depend on its process, so the merged iteration equals a one-process one. DPO trains in every process (TRL
+device and writes its images, masks and render shard (:mod:`kka_synth.synth.shards`); the main process merges
+the shards, runs the filters (the batch band needs a category's whole batch) and writes
+``candidates.parquet``, which equals a one-process render. Render shards a killed run left behind are
+removed by the next render stage, whatever its number of processes. DPO trains in every process (TRL
 shards the batches); every other stage, and every write to the manifest, happens on the main process while
 the others wait and then reread the manifest.
 """
@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -55,11 +54,10 @@ from kka_synth.alignment.pairs import build_pairs
 from kka_synth.config import RunConfig
 from kka_synth.data import DataError, load_rgb, load_samples, save_mask, save_rgb
 from kka_synth.data import load_mask as read_mask
-from kka_synth.eval.diversity import distinct_n, field_entropy, spec_key
+from kka_synth.eval.iteration_stats import summarize_iteration
 from kka_synth.prompts.knowledge import load_knowledge, read_user_knowledge
 from kka_synth.runs import (
     RunDir,
-    RunError,
     atomic_dir,
     atomic_write_json,
     atomic_write_text,
@@ -70,9 +68,10 @@ from kka_synth.runs import (
     write_jsonl,
 )
 from kka_synth.synth import RENDERERS, RenderError, apply_filters_batch, build_filters
-from kka_synth.synth.filters import MatchBand, band_from_dict, build_band, match_distribution
+from kka_synth.synth.filters import MatchBand, band_from_dict, build_band
 from kka_synth.synth.perlin import random_spec
-from kka_synth.synth.stage import RenderJob, RenderResult, build_renderers, render_jobs, renderer_order
+from kka_synth.synth.shards import Kept, keep_render, merge_shards, remove_shards, write_shard
+from kka_synth.synth.stage import RenderJob, build_renderers, render_jobs, renderer_order
 from kka_synth.types import Candidate, DefectSpec, PreferencePair, Proposal
 from kka_synth.utils import dist
 
@@ -85,8 +84,6 @@ STAGES = ("propose", "render", "evaluate", "align")
 MIN_NORMALS = 8
 """Fewest normal training images a category needs: some fit the models, some are held out to calibrate."""
 _STAGE_INDEX = {name: i for i, name in enumerate(("prepare", *STAGES, "judge"))}
-_RENDERED = ("source_id", "renderer", "render_info", "reason", "image", "mask")
-"""The fields of a candidate's record that its render fills in (what a render shard carries)."""
 
 
 def _silent(task: str, done: int, total: int) -> None:
@@ -388,7 +385,7 @@ class KKALoop:
                 )
                 jobs.append(RenderJob(i, name, proposal.spec, source, rng, order))
         world = dist.world()
-        kept: dict[int, tuple[int, np.ndarray, np.ndarray | None]] = {}
+        kept: dict[int, Kept] = {}
         with dist.together():
             results = render_jobs(
                 dist.shard(jobs),
@@ -397,68 +394,21 @@ class KKALoop:
                 progress=lambda done, total: self.progress(f"iteration {k}: rendering", done, total),
             )
             for result in results:
-                rendered = self._keep_render(folder, out[result.job.key], result)
+                fit_ids = self.categories[result.job.category].fit_ids
+                rendered = keep_render(folder, out[result.job.key], result, fit_ids)
                 if rendered is not None:
                     kept[result.job.key] = rendered
             if world.size > 1:
-                shard = [
-                    {"key": r.job.key, "source": kept.get(r.job.key, (None,))[0]}
-                    | {field: out[r.job.key][field] for field in _RENDERED}
-                    for r in results
-                ]
-                write_jsonl(folder / "shards" / f"render-{world.rank}.jsonl", shard)
+                write_shard(folder, world.rank, results, out, kept)
         if world.size > 1:
-            return dist.on_main(self._merge_renders, k, folder, rows, out) or {}
+            return dist.on_main(self._merge_renders, k, folder, rows, out, world.size) or {}
         return self._judge_renders(k, folder, rows, out, kept)
 
-    def _keep_render(
-        self, folder: Path, record: dict[str, Any], result: RenderResult
-    ) -> tuple[int, np.ndarray, np.ndarray | None] | None:
-        """Fill ``record`` from a render result and save its image and mask; (source, image, mask) if any."""
-        job = result.job
-        record["render_info"] = {"tried": job.tried, "errors": job.errors}
-        if result.output is None:
-            record["reason"] = result.reason
-            return None
-        data, output = self.categories[job.category], result.output
-        source = job.source if output.source is None else output.source
-        record["source_id"] = data.fit_ids[source]
-        record["renderer"] = result.renderer
-        record["render_info"].update(output.info)
-        record["image"] = f"images/{record['id']}.png"
-        save_rgb(folder / record["image"], output.image)
-        if output.mask is not None:
-            record["mask"] = f"masks/{record['id']}.png"
-            save_mask(folder / record["mask"], output.mask)
-        return source, output.image, output.mask
-
     def _merge_renders(
-        self, k: int, folder: Path, rows: list[dict[str, Any]], out: list[dict[str, Any]]
+        self, k: int, folder: Path, rows: list[dict[str, Any]], out: list[dict[str, Any]], size: int
     ) -> dict[str, Any]:
         """Main process: fold every process's render shard into ``out``, then filter and write as one."""
-        shards = folder / "shards"
-        entries = [
-            e for rank in range(dist.world().size) for e in read_jsonl(shards / f"render-{rank}.jsonl")
-        ]
-        counts = Counter(entry["key"] for entry in entries)
-        expected = {i for i, record in enumerate(out) if record["spec"] is not None}
-        missing, twice = expected - counts.keys(), [key for key, n in counts.items() if n > 1]
-        unknown = counts.keys() - expected
-        if missing or twice or unknown:
-            raise RunError(
-                f"iteration {k}: the render shards in {shards} do not add up: {len(missing)} job(s) missing, "
-                f"{len(twice)} rendered more than once, {len(unknown)} unknown"
-            )
-        kept: dict[int, tuple[int, np.ndarray, np.ndarray | None]] = {}
-        for entry in sorted(entries, key=lambda e: e["key"]):
-            record = out[entry["key"]]
-            record.update({field: entry[field] for field in _RENDERED})
-            if record["image"] is not None:
-                mask = None if record["mask"] is None else read_mask(folder / record["mask"])
-                kept[entry["key"]] = (entry["source"], load_rgb(folder / record["image"]), mask)
-        info = self._judge_renders(k, folder, rows, out, kept)
-        shutil.rmtree(shards)
-        return info
+        return self._judge_renders(k, folder, rows, out, merge_shards(k, folder, out, size))
 
     def _judge_renders(
         self,
@@ -466,9 +416,13 @@ class KKALoop:
         folder: Path,
         rows: list[dict[str, Any]],
         out: list[dict[str, Any]],
-        kept: dict[int, tuple[int, np.ndarray, np.ndarray | None]],
+        kept: dict[int, Kept],
     ) -> dict[str, Any]:
-        """Run the filters over each category's renders (``kept``: key -> source, image, mask) and write."""
+        """Run the filters over each category's renders (``kept``: key -> source, image, mask) and write.
+
+        Main process only. Once the candidates are written, the iteration's render shards go: this render's
+        own, or stale ones that a killed multi-process run left (a resume may use any number of processes).
+        """
         cfg = self.config
         judged: dict[str, list[tuple[dict[str, Any], np.ndarray, Candidate]]] = {}
         for key, (source, image, mask) in kept.items():
@@ -498,6 +452,7 @@ class KKALoop:
             self.progress(f"iteration {k}: filtering ({name})", 1, 1)
         self.progress(f"iteration {k}: rendering", len(rows), len(rows))
         write_candidates(folder, out)
+        remove_shards(folder)
         return {"rendered": sum(r["image"] is not None for r in out)}
 
     def _foreground_masks(self) -> dict[str, np.ndarray]:
@@ -647,64 +602,17 @@ class KKALoop:
 
     # stats and curation ------------------------------------------------------------------------------
     def _write_stats(self, k: int, folder: Path, seconds: dict[str, float]) -> dict[str, Any]:
-        stats = self._stats(k, folder, seconds)
+        stats = summarize_iteration(
+            k,
+            read_candidates(folder),
+            read_jsonl(folder / "proposals.jsonl"),
+            list(self.categories),
+            self.run.manifest["stages"].get(f"{k}/align", {}),
+            seconds,
+            STAGES,
+        )
         atomic_write_json(folder / "stats.json", stats)
         return stats
-
-    def _stats(self, k: int, folder: Path, seconds: dict[str, float]) -> dict[str, Any]:
-        rows = read_candidates(folder)
-        specs = [DefectSpec.from_dict(r["spec"]) for r in rows if r["spec"] is not None]
-        kept = [r for r in rows if r["label"] in ("hard", "easy")]
-        hard = [r for r in kept if r["label"] == "hard"]
-        reasons = Counter(r["reason"] for r in rows if r["label"] == "rejected")
-        align = self.run.manifest["stages"].get(f"{k}/align", {})
-        retried = [row.get("retries") or [] for row in read_jsonl(folder / "proposals.jsonl")]
-        retried = [reasons for reasons in retried if reasons]
-        per_category = {}
-        for name in self.categories:
-            ck = [r for r in kept if r["category"] == name]
-            per_category[name] = {
-                "kept": len(ck),
-                "hard_share": _share(ck, "label"),
-                "hard_share_judge": _share(ck, "label_judge"),
-                "match_scores": _match_scores([r for r in rows if r["category"] == name]),
-            }
-        return {
-            "iteration": k,
-            "proposals": len(rows),
-            "parse_failures": sum(v for r, v in reasons.items() if r.startswith("parse:")),
-            "render_failures": sum(v for r, v in reasons.items() if r.startswith("render:")),
-            "filtered": sum(v for r, v in reasons.items() if r.startswith("filter:")),
-            "rejections": dict(sorted(reasons.items())),
-            # LLM backends ask a failed reply again with the parser's error: how often, why, and how many
-            # of those replies parsed in the end
-            "parse_retries": sum(len(r) for r in retried),
-            "retried": len(retried),
-            "retry_reasons": dict(sorted(Counter(reason for r in retried for reason in r).items())),
-            "kept": len(kept),
-            "hard": len(hard),
-            "hard_share": _share(kept, "label"),
-            "hard_share_judge": _share(kept, "label_judge"),
-            "mean_hardness": float(np.mean([r["hardness"] for r in kept])) if kept else None,
-            "mean_hardness_judge": float(np.mean([r["hardness_judge"] for r in kept])) if kept else None,
-            # hardness is unbounded below (an obvious defect scores far beyond the threshold), so the mean
-            # follows a few easy outliers; the median reads as the typical candidate
-            "median_hardness": float(np.median([r["hardness"] for r in kept])) if kept else None,
-            "distinct_2": distinct_n((r["text"] for r in rows), 2),
-            "distinct_specs": len({spec_key(s) for s in specs}),
-            "field_entropy": field_entropy(specs),
-            "per_category": per_category,
-            # the band's score distribution over every judged render, as arXiv 2512.23227 reports it to set
-            # its thresholds; per category above, with each category's band edges in calibration.json
-            "match_scores": _match_scores(rows),
-            "renderers": dict(Counter(r["renderer"] for r in rows if r["renderer"])),
-            "masks_absent": sum(r["image"] is not None and r["mask"] is None for r in rows),
-            "dpo": {
-                key: align.get(key)
-                for key in ("pairs", "steps", "margin_before", "margin_after", "loss", "note")
-            },
-            "seconds": {stage: round(seconds.get(stage, 0.0), 3) for stage in STAGES},
-        }
 
     def curate(self) -> dict[str, int]:
         """Write the curated hard set in MVTec AD layout (``add`` or ``rep`` mode) and an index."""
@@ -746,17 +654,6 @@ class KKALoop:
         counts = Counter(row["category"] for row in index)
         self.run.mark_done("curate", 0.0, mode=self.config.mode, counts=dict(counts))
         return dict(counts)
-
-
-def _share(rows: list[dict[str, Any]], key: str) -> float | None:
-    labelled = [r for r in rows if r.get(key) is not None]
-    return sum(r[key] == "hard" for r in labelled) / len(labelled) if labelled else None
-
-
-def _match_scores(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """:func:`match_distribution` of the match band's scores among ``rows`` (None when no band judged)."""
-    scores = [r["verdicts"]["match_band"]["score"] for r in rows if "match_band" in r.get("verdicts", {})]
-    return match_distribution(scores) if scores else None
 
 
 def _diversity_key(proposal: Proposal) -> object:

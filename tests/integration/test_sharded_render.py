@@ -16,9 +16,9 @@ import yaml
 from tiny_run import tiny_settings
 
 from kka_synth.cli import main
-from kka_synth.loop import KKALoop, read_candidates
-from kka_synth.runs import RunDir, RunError, write_jsonl
-from kka_synth.utils import dist
+from kka_synth.loop import read_candidates
+from kka_synth.runs import RunError, write_jsonl
+from kka_synth.synth.shards import merge_shards
 
 # the tiny settings of test_cli_run.py (one category, so each run stays short), with DPO on: it trains in
 # both processes, after the iteration's candidates are final
@@ -119,9 +119,7 @@ def test_resume_after_a_kill_mid_render(tmp_path: Path, runs: tuple[Path, Path])
     assert (folder / "pairs.jsonl").is_file() and not (run / "adapters").exists()
 
 
-def test_shards_that_do_not_add_up_are_one_line_error(
-    tmp_path: Path, runs: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
-):
+def test_shards_that_do_not_add_up_are_one_line_error(tmp_path: Path, runs: tuple[Path, Path]):
     single, _ = runs
     run = tmp_path / "copy"
     shutil.copytree(single, run)
@@ -133,10 +131,8 @@ def test_shards_that_do_not_add_up_are_one_line_error(
     entry |= {"image": None, "mask": None}
     write_jsonl(folder / "shards" / "render-0.jsonl", [{"key": key, **entry} for key in jobs[:2]])
     write_jsonl(folder / "shards" / "render-1.jsonl", [{"key": key, **entry} for key in jobs[1:-1]])
-    monkeypatch.setattr(dist, "world", lambda: dist.World(0, 2, True))
-    loop = KKALoop(RunDir.load(run))
     with pytest.raises(RunError, match="1 job\\(s\\) missing, 1 rendered more than once") as error:
-        loop._merge_renders(1, folder, [], out)
+        merge_shards(1, folder, out, 2)
     assert "\n" not in str(error.value)
 
 
