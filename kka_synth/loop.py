@@ -61,6 +61,7 @@ from kka_synth.runs import (
     atomic_dir,
     atomic_write_json,
     atomic_write_text,
+    inside,
     read_candidates,
     read_jsonl,
     safe_component,
@@ -476,8 +477,9 @@ class KKALoop:
             if not kept:
                 continue
             self.progress(f"iteration {k}: scoring hardness ({name})", 0, 1)
-            images = [load_rgb(folder / r["image"]) for r in kept]
-            masks = [None if r["mask"] is None else read_mask(folder / r["mask"]) for r in kept]
+            # paths come back from candidates.parquet: a tampered row may not lead out of the iteration
+            images = [load_rgb(inside(folder, r["image"])) for r in kept]
+            masks = [None if r["mask"] is None else read_mask(inside(folder, r["mask"])) for r in kept]
             result = cross_fit_hardness(
                 data.fit,
                 data.holdout,
@@ -630,13 +632,13 @@ class KKALoop:
                     # category and defect type come from data and specs: neither may lead out of the set
                     category, defect = safe_component(r["category"]), safe_component(defect)
                     image = tmp / category / "test" / defect / safe_component(f"{r['id']}.png")
-                    save_rgb(image, load_rgb(folder / r["image"]))
+                    save_rgb(image, load_rgb(inside(folder, r["image"])))
                     mask = None
                     if r["mask"] is not None:
                         mask = (
                             tmp / category / "ground_truth" / defect / safe_component(f"{r['id']}_mask.png")
                         )
-                        save_mask(mask, read_mask(folder / r["mask"]))
+                        save_mask(mask, read_mask(inside(folder, r["mask"])))
                     index.append(
                         {
                             "id": r["id"],

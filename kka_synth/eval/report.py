@@ -46,7 +46,7 @@ from kka_synth.eval.html import (
 )
 from kka_synth.eval.report_eval import evaluation_section
 from kka_synth.eval.report_render import match_band_html, rejection_html, renderer_html
-from kka_synth.runs import MANIFEST, RunDir, RunError, atomic_write_text, read_candidates
+from kka_synth.runs import MANIFEST, RunDir, RunError, atomic_write_text, inside, read_candidates
 
 logger = logging.getLogger(__name__)
 
@@ -363,13 +363,13 @@ def _sample_card(row: dict[str, Any], folder: Path, notes: list[str]) -> str:
     spec = row.get("spec") or {}
     pictures = ""
     try:
-        image = load_thumbnail(folder / str(row["image"]))
+        image = load_thumbnail(inside(folder, str(row["image"])))
         pictures = thumb_html(image, str(row["id"]))
         try:
             if row.get("mask") is None:
                 pictures += "<p>(no mask: the renderer could not locate the defect)</p>"
             else:
-                with_mask = outlined(image, folder / str(row["mask"]))
+                with_mask = outlined(image, inside(folder, str(row["mask"])))
                 pictures += thumb_html(with_mask, f"{row['id']} with its mask outlined")
         except READ_ERRORS as error:
             notes.append(warn_note(f"{row['id']}: mask unreadable ({read_reason(error)})"))

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from kka_synth.data import load_mask, load_rgb, save_mask, save_rgb
-from kka_synth.runs import RunError, read_jsonl, write_jsonl
+from kka_synth.runs import RunError, inside, read_jsonl, write_jsonl
 from kka_synth.synth.stage import RenderResult
 
 logger = logging.getLogger(__name__)
@@ -135,8 +135,9 @@ def merge_shards(k: int, folder: Path, out: list[dict[str, Any]], size: int) -> 
         record = out[entry["key"]]
         record.update({field: entry[field] for field in RENDERED})
         if record["image"] is not None:
-            mask = None if record["mask"] is None else load_mask(folder / record["mask"])
-            kept[entry["key"]] = (entry["source"], load_rgb(folder / record["image"]), mask)
+            # a shard is a file of the run: its paths may not lead out of the iteration folder
+            mask = None if record["mask"] is None else load_mask(inside(folder, record["mask"]))
+            kept[entry["key"]] = (entry["source"], load_rgb(inside(folder, record["image"])), mask)
     return kept
 
 

@@ -295,6 +295,22 @@ def test_cut_off_run_and_corrupt_image_still_report(tmp_path: Path, caplog: pyte
     assert len(_images(page)) == 1 + 1 + 1 + 10
 
 
+def test_image_path_leading_out_of_the_run_is_noted_not_shown(tmp_path: Path):
+    run = build_run(tmp_path, evaluation=False)
+    table = run / "iterations" / "2" / "candidates.parquet"
+    rows = read_parquet(table)
+    victim = next(r for r in rows if r["id"] == "2-washer-0001")
+    outside = tmp_path / "outside.png"
+    save_rgb(outside, np.full((32, 32, 3), 7, np.uint8))
+    victim["image"] = "../" * 3 + "outside.png"  # from iterations/2 up past the run directory
+    assert (table.parent / victim["image"]).resolve() == outside.resolve()
+    write_parquet(table, rows)
+    page = write_report(run).read_text()
+    assert "2-washer-0001: image unreadable" in page and "lies outside" in page
+    # the sample cards lose exactly that one card's two pictures
+    assert len(_images(page)) == 1 + 2 + 1 + 10
+
+
 def test_manifest_only_run_has_notes_and_no_images(tmp_path: Path):
     run = build_run(tmp_path, evaluation=False)
     for k in (1, 2):

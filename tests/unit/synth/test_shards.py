@@ -190,3 +190,17 @@ def test_stale_shards_of_a_run_with_more_processes_are_not_read_and_are_removed(
     assert not (tmp_path / "shards").exists()
     assert (tmp_path / "images").is_dir()  # only the shards go
     remove_shards(tmp_path)  # nothing left to remove: no error
+
+
+@pytest.mark.parametrize("path", ["../../outside.png", "/etc/hostname"])
+def test_a_shard_path_leading_out_of_the_iteration_is_refused(tmp_path: Path, path: str):
+    folder = tmp_path / "iterations" / "1"
+    _render_shards(folder)
+    (tmp_path / "outside.png").write_bytes((folder / "images" / "1-brick-0000.png").read_bytes())
+    lines = shard_path(folder, 0).read_text().splitlines()
+    entry = json.loads(lines[0])
+    entry["image"] = path
+    shard_path(folder, 0).write_text("\n".join([json.dumps(entry), *lines[1:]]) + "\n")
+    with pytest.raises(RunError, match="lies outside") as error:
+        merge_shards(1, folder, _records(), 2)
+    assert "\n" not in str(error.value)

@@ -1,5 +1,8 @@
-"""A multi-process run killed mid-render leaves ``iterations/<k>/shards/``; resumed with one process, the
-render stage must still remove it, and render exactly what a run that never had shards renders.
+"""What the loop reads back from its own run files on resume.
+
+A multi-process run killed mid-render leaves ``iterations/<k>/shards/``; resumed with one process, the render
+stage must still remove it, and render exactly what a run that never had shards renders. Image and mask paths
+read from ``candidates.parquet`` may not lead out of the iteration folder (a tampered file).
 
 The run is driven through :class:`KKALoop` directly, with hand-written proposals marked done (no proposer to
 pretrain) and the match band off (no calibration), so it takes a few seconds.
@@ -11,11 +14,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from tiny_run import tiny_settings
 
 from kka_synth.config import RunConfig
 from kka_synth.loop import KKALoop, read_candidates
-from kka_synth.runs import RunDir, write_jsonl
+from kka_synth.runs import RunDir, RunError, write_candidates, write_jsonl
 from kka_synth.synth.perlin import random_spec
 from kka_synth.types import Proposal
 
@@ -80,3 +84,25 @@ def test_single_process_resume_removes_stale_shards(tmp_path: Path):
     rows = read_candidates(resumed)
     assert [r["reason"] for r in rows].count("parse:not_json") == 1 and len(rows) == 8
     assert json.loads((config.run_dir / "manifest.json").read_text())["resumed"]
+
+
+@pytest.mark.parametrize("field", ["image", "mask"])
+def test_paths_leading_out_of_the_iteration_are_refused(tmp_path: Path, field: str):
+    config = _proposed(tmp_path, "tampered")
+    folder = _render_resumed(config)
+    rows = read_candidates(folder)
+    row = next(r for r in rows if r["image"] is not None and r["mask"] is not None)
+    outside = tmp_path / "outside.png"
+    outside.write_bytes((folder / row[field]).read_bytes())  # a readable file, so only the check can stop it
+    row[field] = "../../../../outside.png"
+    assert (folder / row[field]).resolve() == outside.resolve()
+    row["label"] = "hard"
+    write_candidates(folder, rows)
+
+    loop = KKALoop(RunDir.open(config, resume=True))
+    loop._load_categories()
+    for stage in (lambda: loop._evaluate(1, folder), loop.curate):
+        with pytest.raises(RunError, match="lies outside") as error:
+            stage()
+        assert "\n" not in str(error.value)
+    assert not (config.run_dir / "curated").exists()  # nothing half-written
