@@ -135,7 +135,7 @@ class Run:
         for key in ("image", "mask"):
             value = row.get(key)
             if value is not None:
-                inside(self.path, folder / str(value))
+                inside(folder, str(value))
                 row[key] = str(folder / str(value))
             else:
                 row[key] = None

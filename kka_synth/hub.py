@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from kka_synth.hub_card import PLOT_PATH, build_card, hard_share_png, iteration_stats
-from kka_synth.runs import RunDir, RunError, inside, read_candidates, read_jsonl
+from kka_synth.runs import RunDir, RunError, read_candidates, read_jsonl, run_file
 
 logger = logging.getLogger(__name__)
 
@@ -116,15 +116,12 @@ def _columns(candidate: dict[str, Any], run_seed: int) -> dict[str, Any]:
     }
 
 
-def _run_file(run: RunDir, folder: Path, value: Any, source: str) -> Path:
-    """``folder / value``, a path read from the run's file ``source``, after checking that it stays inside
-    the run directory; a one-line PublishError otherwise (the file was edited by hand or tampered with)."""
-    path = folder / str(value)
+def _run_file(folder: Path, value: Any, source: str) -> Path:
+    """:func:`~kka_synth.runs.run_file` with its error as a one-line PublishError."""
     try:
-        inside(run.path, path)
+        return run_file(folder, value, source)
     except RunError as error:
-        raise PublishError(f"{source}: {error}") from None
-    return path
+        raise PublishError(str(error)) from None
 
 
 def collect_rows(run: RunDir, include: str) -> list[_Row]:
@@ -154,10 +151,8 @@ def collect_rows(run: RunDir, include: str) -> list[_Row]:
             if candidate is None:
                 raise PublishError(f"curated/index.jsonl names {entry['id']}, which its iteration lacks")
             source = "curated/index.jsonl"
-            mask = (
-                None if entry.get("mask") is None else _run_file(run, run.curated_dir, entry["mask"], source)
-            )
-            image = _run_file(run, run.curated_dir, entry["image"], source)
+            mask = None if entry.get("mask") is None else _run_file(run.curated_dir, entry["mask"], source)
+            image = _run_file(run.curated_dir, entry["image"], source)
             rows.append(_Row(_columns(candidate, run_seed), image, mask))
     else:
         found = (
@@ -172,12 +167,8 @@ def collect_rows(run: RunDir, include: str) -> list[_Row]:
             for candidate in candidates(k).values():
                 if candidate["label"] in ("hard", "easy"):
                     source = f"iterations/{k}/candidates.parquet"
-                    mask = (
-                        None
-                        if candidate["mask"] is None
-                        else _run_file(run, folder, candidate["mask"], source)
-                    )
-                    image = _run_file(run, folder, candidate["image"], source)
+                    mask = None if candidate["mask"] is None else _run_file(folder, candidate["mask"], source)
+                    image = _run_file(folder, candidate["image"], source)
                     rows.append(_Row(_columns(candidate, run_seed), image, mask))
     if not rows:
         what = "curated set" if include == "curated" else "set of kept candidates"

@@ -205,6 +205,20 @@ def inside(root: Path, path: Path) -> Path:
     return target
 
 
+def run_file(folder: Path, value: Any, source: str) -> Path:
+    """``folder / value`` for a path ``value`` that the run's file ``source`` holds relative to ``folder``.
+
+    A value that leads out of ``folder`` (``..``, an absolute path, a symbolic link; the file was edited by
+    hand or tampered with) raises a one-line :class:`RunError` that names ``source``. The check holds whether
+    ``folder`` is given as a relative or an absolute path.
+    """
+    try:
+        inside(folder, Path(str(value)))
+    except RunError as error:
+        raise RunError(f"{source}: {error}") from None
+    return Path(folder) / str(value)
+
+
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(path, "".join(json.dumps(row, default=_json_default) + "\n" for row in rows))
 

@@ -44,9 +44,9 @@ from kka_synth.runs import (
     atomic_dir,
     atomic_write_json,
     atomic_write_text,
-    inside,
     read_candidates,
     read_jsonl,
+    run_file,
 )
 from kka_synth.types import Sample
 
@@ -97,15 +97,12 @@ def _inside(path: Path, root: Path) -> Path:
     return path
 
 
-def _run_file(run: RunDir, folder: Path, value: Any, source: str) -> Path:
-    """``folder / value``, a path read from the run's file ``source``, after checking that it stays inside
-    the run directory (so a tampered file cannot make the export copy files from elsewhere)."""
-    path = folder / str(value)
+def _run_file(folder: Path, value: Any, source: str) -> Path:
+    """:func:`~kka_synth.runs.run_file` with its error as a one-line ExportError."""
     try:
-        inside(run.path, path)
+        return run_file(folder, value, source)
     except RunError as error:
-        raise ExportError(f"{source}: {error}") from None
-    return path
+        raise ExportError(str(error)) from None
 
 
 _PROVENANCE = ("id", "iteration", "source_id", "label", "hardness", "text")
@@ -125,11 +122,11 @@ def _curated_rows(run: RunDir) -> list[dict[str, Any]]:
             "label": "hard",
             "category": r["category"],
             "defect_type": r["defect_type"],
-            "image_file": _run_file(run, run.curated_dir, r["image"], "curated/index.jsonl"),
+            "image_file": _run_file(run.curated_dir, r["image"], "curated/index.jsonl"),
             "mask_file": (
                 None
                 if r.get("mask") is None
-                else _run_file(run, run.curated_dir, r["mask"], "curated/index.jsonl")
+                else _run_file(run.curated_dir, r["mask"], "curated/index.jsonl")
             ),
         }
         for r in read_jsonl(index)
@@ -152,8 +149,8 @@ def _kept_rows(run: RunDir) -> list[dict[str, Any]]:
                     **{key: r.get(key) for key in _PROVENANCE},
                     "category": r["category"],
                     "defect_type": r["spec"]["defect_type"],
-                    "image_file": _run_file(run, folder, r["image"], source),
-                    "mask_file": None if r["mask"] is None else _run_file(run, folder, r["mask"], source),
+                    "image_file": _run_file(folder, r["image"], source),
+                    "mask_file": None if r["mask"] is None else _run_file(folder, r["mask"], source),
                 }
             )
     if not rows:

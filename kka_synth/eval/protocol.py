@@ -182,11 +182,11 @@ class Evaluation:
             if row["category"] != category:
                 continue
             # paths read from the run's own file: a tampered one may not lead out of the run directory
-            image = load_rgb(inside(self.run.path, curated / str(row["image"])), self.size)
+            image = load_rgb(inside(curated, str(row["image"])), self.size)
             # a text-to-image anomaly may have no mask; detectors that need one skip it (and say so)
             mask = None
             if row.get("mask") is not None:
-                mask = load_mask(inside(self.run.path, curated / str(row["mask"])), self.size)
+                mask = load_mask(inside(curated, str(row["mask"])), self.size)
             clean = normal.get(str(row.get("source_id", "")).split("/")[-1])
             anomalies.append((image, mask, clean))
         return SyntheticStage("kka", anomalies=anomalies) if anomalies else None

@@ -27,6 +27,7 @@ from kka_synth.runs import (
     inside,
     read_candidates,
     remove_stale_temps,
+    run_file,
     safe_component,
     write_candidates,
     write_jsonl,
@@ -285,3 +286,19 @@ def test_inside_keeps_paths_under_the_root(tmp_path: Path):
     (root / "curated" / "link").symlink_to(tmp_path)
     with pytest.raises(RunError, match="outside"):
         inside(root, Path("curated/link/x.png"))
+
+
+def test_run_file_of_a_run_given_by_a_relative_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A run opened as ``runs/demo`` from its parent (as the CLI and the examples do): the path a run file
+    holds is taken relative to its folder once, not with the run's own path prefixed twice."""
+    folder = tmp_path / "runs" / "demo" / "curated"
+    (folder / "washer").mkdir(parents=True)
+    (folder / "washer" / "a.png").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    relative = Path("runs", "demo", "curated")
+    path = run_file(relative, "washer/a.png", "curated/index.jsonl")
+    assert path == relative / "washer" / "a.png" and path.is_file()
+    for bad in ("../../elsewhere.png", "/etc/passwd", "washer/../../x.png"):
+        with pytest.raises(RunError, match="^curated/index.jsonl: refusing to use .*outside") as raised:
+            run_file(relative, bad, "curated/index.jsonl")
+        _one_line(raised.value)
