@@ -19,6 +19,7 @@ from pathlib import Path
 import kka_synth
 from kka_synth.agents.chat import ChatSession
 from kka_synth.agents.chat_intent import IntentChat
+from kka_synth.cli import quiet_libraries
 
 SCRIPT = [
     "focus on washer",
@@ -48,6 +49,7 @@ def main() -> None:
     parser.add_argument("--out", default="chat-example", help="folder for previews, prompts and the run")
     parser.add_argument("--run", action="store_true", help="then run the loop with the saved prompt set")
     args = parser.parse_args()
+    quiet_libraries()  # the progress bars and notices the CLI also keeps out
     out = Path(args.out)
     tiny = TINY if os.environ.get("KKA_SYNTH_EXAMPLE_TINY") == "1" else {}
 

@@ -19,6 +19,7 @@ import logging
 import os
 
 import kka_synth
+from kka_synth.cli import quiet_libraries
 
 TINY = {
     "iterations": 2,
@@ -49,6 +50,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs", help="folder that holds the run directory (default runs)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_libraries()  # the progress bars and notices the CLI also keeps out
     tiny = TINY if os.environ.get("KKA_SYNTH_EXAMPLE_TINY") == "1" else {}
 
     run = kka_synth.run(

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import kka_synth
+from kka_synth.cli import quiet_libraries
 
 COLUMNS = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "aupro": "AUPRO",
            "image_f1_max": "image F1", "pixel_f1_max": "pixel F1"}  # fmt: skip
@@ -73,6 +74,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs", help="where the demo run goes without RUN_DIR (runs)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_libraries()  # the progress bars and notices the CLI also keeps out
     tiny = TINY if os.environ.get("KKA_SYNTH_EXAMPLE_TINY") == "1" else {}
 
     if args.run_dir is not None:

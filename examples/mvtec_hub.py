@@ -25,6 +25,7 @@ import logging
 from pathlib import Path
 
 import kka_synth
+from kka_synth.cli import quiet_libraries
 from kka_synth.config import RunConfig
 
 
@@ -55,6 +56,7 @@ def main() -> None:
     parser.add_argument("--category", default="bottle", help="MVTec AD category (default bottle)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_libraries()  # the progress bars and notices the CLI also keeps out
 
     run = kka_synth.run(build_config(args.data_root, args.category))
     for stats in run.stats():

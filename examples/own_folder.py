@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 
 import kka_synth
+from kka_synth.cli import quiet_libraries
 from kka_synth.data import load_samples
 
 KNOWLEDGE = """\
@@ -82,6 +83,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs"), help="folder for runs (default runs)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_libraries()  # the progress bars and notices the CLI also keeps out
     tiny = TINY if os.environ.get("KKA_SYNTH_EXAMPLE_TINY") == "1" else {}
 
     data_root = args.data_root or stand_in_folder(args.out / "stand-in", args.product)

@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 
 import kka_synth
+from kka_synth.cli import quiet_libraries
 from kka_synth.hub import load
 
 TINY = {
@@ -44,6 +45,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs", help="where the demo run goes without RUN_DIR (runs)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_libraries()  # the progress bars and notices the CLI also keeps out
     tiny = TINY if os.environ.get("KKA_SYNTH_EXAMPLE_TINY") == "1" else {}
 
     if args.run_dir is not None:

@@ -453,8 +453,11 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     )
 
 
-def _quiet_libraries(verbose: int) -> None:
-    """Keep the libraries' own progress bars and notices out of the run's output unless asked for."""
+def quiet_libraries(verbose: int = 0) -> None:
+    """Keep the libraries' own progress bars and notices out of the run's output unless asked for.
+
+    The CLI calls it for every subcommand; scripts that use the Python API call it to get the same output.
+    """
     import os
     import warnings
 
@@ -476,7 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    _quiet_libraries(args.verbose)
+    quiet_libraries(args.verbose)
     if getattr(args, "trust_remote_code", False):
         # an environment variable, so accelerate workers and subprocesses inherit the choice
         os.environ["KKA_SYNTH_TRUST_REMOTE_CODE"] = "1"
