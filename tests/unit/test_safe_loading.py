@@ -372,12 +372,14 @@ def _keyword(call: ast.Call, name: str) -> object:
 
 
 def test_the_package_never_unpickles():
-    """No pickle, joblib or dill; torch.load only with weights_only=True; np.load never with allow_pickle;
+    """No pickle, joblib or dill; no torch.hub (its downloads unpickle); torch.load never in detectors/ (their
+    weights are safetensors) and elsewhere only with weights_only=True; np.load never with allow_pickle;
     no literal trust_remote_code=True; yaml only through safe_load."""
     problems = []
     for path in sorted(PACKAGE.rglob("*.py")):
         tree = ast.parse(path.read_text("utf-8"))
         where = path.relative_to(PACKAGE.parent)
+        in_detectors = where.parts[1] == "detectors"
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [a.name for a in node.names] + (
@@ -388,11 +390,22 @@ def test_the_package_never_unpickles():
                     for n in names
                     if n and n.split(".")[0] in ("pickle", "cPickle", "joblib", "dill", "cloudpickle")
                 ]
+                if isinstance(node, ast.ImportFrom) and node.module == "torch":
+                    bad += [
+                        f"torch.{a.name}"
+                        for a in node.names
+                        if a.name == "hub" or (in_detectors and a.name == "load")
+                    ]
+                bad += [n for n in names if n and (n == "torch.hub" or n.startswith("torch.hub."))]
                 problems += [f"{where}:{node.lineno} imports {n}" for n in bad]
+            if isinstance(node, ast.Attribute) and ast.unparse(node) == "torch.hub":
+                problems.append(f"{where}:{node.lineno} uses torch.hub")
         for call in _calls(tree):
             func = ast.unparse(call.func)
             line = f"{where}:{call.lineno} {func}"
-            if func == "torch.load" and _keyword(call, "weights_only") is not True:
+            if func == "torch.load" and in_detectors:
+                problems.append(f"{line} in detectors/ (load weights with safetensors)")
+            elif func == "torch.load" and _keyword(call, "weights_only") is not True:
                 problems.append(f"{line} without weights_only=True")
             if func in ("np.load", "numpy.load") and _keyword(call, "allow_pickle") not in (False, "absent"):
                 problems.append(f"{line} with allow_pickle")
@@ -401,6 +414,29 @@ def test_the_package_never_unpickles():
             if _keyword(call, "trust_remote_code") is True:
                 problems.append(f"{line} with trust_remote_code=True")
     assert problems == []
+
+
+def test_the_unpickling_scan_catches_torch_hub_and_torch_load_in_detectors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    fake = tmp_path / "kka_synth"
+    (fake / "detectors" / "wrn").mkdir(parents=True)
+    (fake / "synth").mkdir()
+    safe_elsewhere = "import torch\n\ndef f(p):\n    return torch.load(p, weights_only=True)\n"
+    (fake / "synth" / "ok.py").write_text(safe_elsewhere)
+    monkeypatch.setattr(f"{__name__}.PACKAGE", fake)
+    test_the_package_never_unpickles()  # torch.load with weights_only=True outside detectors/ passes
+    for source in (
+        safe_elsewhere,
+        "from torch import load\n",
+        "import torch\n\ndef f(u):\n    return torch.hub.load_state_dict_from_url(u, weights_only=True)\n",
+        "from torch.hub import load_state_dict_from_url\n",
+        "from torch import hub\n",
+        "import torch.hub\n",
+    ):
+        (fake / "detectors" / "wrn" / "bad.py").write_text(source)
+        with pytest.raises(AssertionError):
+            test_the_package_never_unpickles()
 
 
 HUB = "kka_synth/utils/hub.py"

@@ -4,7 +4,8 @@ AeCSAD (Amjad, MSc thesis, Ontario Tech University, 2025) extends CSAD (Hsieh an
 Component Segmentation for Logical Anomaly Detection", BMVC 2024). The thesis reports image AUROC 95.05 on
 MVTec LOCO AD (logical 97.56, structural 92.54), against CSAD's 94.64. Its parts, one module each:
 
-- :mod:`.wrn`: the frozen WRN-50-2 teacher (torchvision's names; ImageNet weights load from a file or URL);
+- :mod:`.wrn`: the frozen WRN-50-2 teacher (torchvision's names; ImageNet weights load as safetensors from a
+  Hub id or a local file);
 - :mod:`.components`: component pseudo-labels (Grounded-SAM or an unsupervised fallback, crops, MeanShift
   classes, HDBSCAN split into reliable D_L and unreliable D_U images);
 - :mod:`.segment`: the DeepLabV3+ segmentation decoder, its semi-supervised losses and LSA;
@@ -28,10 +29,10 @@ brick and to 0.568 and 0.573 on washer, so the default keeps the thesis's equal 
 set sets only the thresholds.
 
 **Offline profile.** No weights are downloaded: the teacher keeps random weights unless ``teacher_weights``
-names a local torchvision file, and the pseudo-labels come from the unsupervised fallback. ``notes`` says so
-for each fitted detector. Random teacher features carry little information (a nearest-neighbour test on
-them reached image AUROC 0.60-0.63 on the demo), so the offline detector runs the whole method but does not
-detect well; the thesis's results need the hub profile.
+names a local ``.safetensors`` file or folder, and the pseudo-labels come from the unsupervised fallback.
+``notes`` says so for each fitted detector. Random teacher features carry little information (a
+nearest-neighbour test on them reached image AUROC 0.60-0.63 on the demo), so the offline detector runs the
+whole method but does not detect well; the thesis's results need the hub profile.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from torch.nn import functional as F
 
 from kka_synth.detectors.aecsad import persist
 from kka_synth.detectors.aecsad.components import make_pseudo_labels
-from kka_synth.detectors.aecsad.config import PROFILES, AecsadConfig
+from kka_synth.detectors.aecsad.config import PROFILES, WRN50_2_WEIGHTS, AecsadConfig
 from kka_synth.detectors.aecsad.data import to_tensor
 from kka_synth.detectors.aecsad.fusion import (
     TrimmedZ,
@@ -216,7 +217,7 @@ class AecsadDetector:
         if not config.teacher_weights:
             self.notes.append(
                 "teacher: random WideResNet-50-2 weights (offline; set aecsad.teacher_weights to "
-                "torchvision's wide_resnet50_2 file for ImageNet weights)"
+                f"{WRN50_2_WEIGHTS} or a local .safetensors file for ImageNet weights)"
             )
             logger.warning("aecsad: the teacher has random weights (no aecsad.teacher_weights given)")
         if config.labeler == "unsupervised":

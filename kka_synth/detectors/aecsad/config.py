@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import Any
 
 from kka_synth.config import check_config, help_field
+from kka_synth.utils.hub import PICKLE_SUFFIXES
 
 STRIDE = 32
 """Working image sides are multiples of this (layer 4 of the teacher has stride 32)."""
 
-TORCHVISION_WRN50_2 = "https://download.pytorch.org/models/wide_resnet50_2-9ba9bcbe.pth"
-"""torchvision's IMAGENET1K_V2 weights of wide_resnet50_2 (CSAD uses these, through timm's tv2_in1k)."""
+WRN50_2_WEIGHTS = "timm/wide_resnet50_2.tv2_in1k"
+"""Hub repo whose ``model.safetensors`` holds torchvision's IMAGENET1K_V2 weights of wide_resnet50_2 under
+torchvision's names; CSAD's teacher loads this repo. ``timm/wide_resnet50_2.tv_in1k`` holds IMAGENET1K_V1
+under the same names and loads as well."""
 
 LABELERS = ("unsupervised", "grounded_sam")
 FUSION_WEIGHTS = ("equal", "calibrated")
@@ -40,7 +44,9 @@ class AecsadConfig:
     eval_batch_size: int = help_field("Images per forward pass in predict.", default=8)
     # ------------------------------------------------------------------------------------------- teacher
     teacher_weights: str | None = help_field(
-        "Local file or URL of torchvision's wide_resnet50_2 ImageNet state dict; None keeps random weights.",
+        "ImageNet weights of the WRN-50-2 teacher, safetensors only: a Hub id (hub profile: "
+        f"{WRN50_2_WEIGHTS}), a local .safetensors file or a folder holding model.safetensors; None keeps "
+        "random weights.",
         default=None,
     )
     wrn_base: int = help_field(
@@ -198,6 +204,8 @@ class AecsadConfig:
             len(self.wrn_blocks) == 4 and min(self.wrn_blocks) >= 1,
             f"aecsad.wrn_blocks must be four positive counts, got {self.wrn_blocks}",
         )
+        refused = refused_weights(self.teacher_weights or "")
+        check_config(refused is None, f"aecsad.teacher_weights {refused}")
         check_config(
             self.teacher_weights is None or self.wrn_base == 64,
             "aecsad.teacher_weights needs the full-size teacher (wrn_base 64)",
@@ -313,6 +321,27 @@ class AecsadConfig:
         return {key: list(value) if isinstance(value, tuple) else value for key, value in data.items()}
 
 
+def refused_weights(source: str) -> str | None:
+    """Why ``source`` may not name teacher weights (a URL or a pickle checkpoint), or None when it may.
+
+    Weights are safetensors only: a pickle (``.pth``, ``.pt``, ``.bin``, ...) can run code when loaded, and
+    URLs are not fetched (torchvision's weight URLs are such pickles); Hub ids go through the HF cache. The
+    reason reads after the field's name.
+    """
+    if source.strip().lower().startswith(("http://", "https://")):
+        return (
+            f"{source!r} is a URL, which kka-synth does not fetch: give a Hub id (such as "
+            f"{WRN50_2_WEIGHTS!r}) or a local .safetensors file"
+        )
+    if PurePath(source).suffix.lower() in PICKLE_SUFFIXES:
+        return (
+            f"{source!r} is a pickle checkpoint, which kka-synth never loads because it can run code: use "
+            f"the Hub id {WRN50_2_WEIGHTS!r}, or convert a file you trust to .safetensors "
+            "(safetensors.torch.save_file)"
+        )
+    return None
+
+
 PROFILES: dict[str, dict[str, Any]] = {
     "offline": {
         "image_size": 128,
@@ -327,7 +356,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "hub": {
         "image_size": 256,
         "labeler": "grounded_sam",
-        "teacher_weights": TORCHVISION_WRN50_2,
+        "teacher_weights": WRN50_2_WEIGHTS,
         "label_images": None,
         "max_components": 24,
         "crop_size": 64,
@@ -350,6 +379,7 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 """Field overrides per profile. ``offline`` repeats the defaults: 128 px, random teacher, unsupervised labels
 of 40 images, 64 teacher channels, small students and 200 student steps (about 2 minutes per category of the
-demo on one CPU thread). ``hub`` is the thesis's setting: 256 px, torchvision's ImageNet weights,
-Grounded-SAM labels of every image, 64 px crops with all 8 rotations/flips, 512 x 64 x 64 teacher features,
-CSAD's student widths and learning rate; it wants a GPU (set ``device``)."""
+demo on one CPU thread). ``hub`` is the thesis's setting: 256 px, torchvision's ImageNet weights (as
+safetensors from the Hub, :data:`WRN50_2_WEIGHTS`), Grounded-SAM labels of every image, 64 px crops with all
+8 rotations/flips, 512 x 64 x 64 teacher features, CSAD's student widths and learning rate; it wants a GPU
+(set ``device``)."""

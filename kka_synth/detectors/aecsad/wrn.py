@@ -4,8 +4,14 @@ The network is Zagoruyko and Komodakis's wide residual network ("Wide Residual N
 bottleneck form of He et al. ("Deep Residual Learning for Image Recognition", CVPR 2016) that torchvision
 ships as ``wide_resnet50_2``: bottleneck blocks whose inner 3x3 convolution is twice as wide as ResNet-50's,
 stride on the 3x3 convolution, a 1x1 projection (``downsample``) on the first block of each stage. Every
-parameter and buffer carries torchvision's name, so its ImageNet state dict loads with ``strict=True`` and
-no renaming; torchvision itself is never imported.
+parameter and buffer carries torchvision's name; torchvision itself is never imported.
+
+Weights are safetensors only. torchvision's ImageNet weights are on the Hugging Face Hub as
+``model.safetensors`` in timm's repos (``timm/wide_resnet50_2.tv2_in1k`` holds IMAGENET1K_V2, the teacher
+CSAD loads; ``.tv_in1k`` holds V1), and timm's ResNet keeps torchvision's key names, so they load with no
+renaming (timm's ``wide_resnet50_2`` state dict has the same 320 keys and shapes as this module's). A local
+``.safetensors`` file or a folder holding ``model.safetensors`` works too; URLs and pickle checkpoints are
+refused unread, because unpickling can run code.
 
 AeCSAD (Amjad, MSc thesis, Ontario Tech University, 2025) and CSAD (Hsieh and Lai, "CSAD: Unsupervised
 Component Segmentation for Logical Anomaly Detection", BMVC 2024) use this network frozen, three times:
@@ -21,8 +27,11 @@ import logging
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
+from kka_synth.detectors.aecsad.config import WRN50_2_WEIGHTS, refused_weights
 from kka_synth.utils.hub import ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -34,6 +43,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 LAYERS = ("layer1", "layer2", "layer3", "layer4")
 EXPANSION = 4
 """A bottleneck's output has ``EXPANSION`` times its stage's planes."""
+
+
+FIELD = "aecsad.teacher_weights"
+WEIGHTS_FILE = "model.safetensors"
+"""The weights file read from a Hub repo or a local folder."""
+_INSTEAD = (
+    f"give a Hub id such as {WRN50_2_WEIGHTS!r}, a local .safetensors file or a folder holding {WEIGHTS_FILE}"
+)
 
 
 class Bottleneck(nn.Module):
@@ -135,38 +152,97 @@ class WideResNet(nn.Module):
         return self.fc(pooled)
 
 
-def load_torchvision_weights(model: WideResNet, path_or_url: str) -> None:
-    """Strict-load torchvision's ``wide_resnet50_2`` ImageNet state dict into ``model``.
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:160] if text else type(error).__name__
 
-    ``path_or_url`` is a local ``.pth`` (a plain state dict, as torchvision publishes it) or
-    ``.safetensors`` file, or an http(s) URL fetched through ``torch.hub``'s cache. Any failure (missing
-    file, no network, wrong shapes because ``model`` is not full size) raises one-line ModelLoadError.
-    """
-    field = "aecsad.teacher_weights"
-    if not path_or_url:
-        raise ModelLoadError(f"{field} is empty: give a local file or URL of torchvision's wide_resnet50_2")
+
+def _some(keys: list[str]) -> str:
+    """Up to three of ``keys`` and how many there are, for an error line."""
+    if not keys:
+        return "none"
+    return ", ".join(keys[:3]) + (f" ... ({len(keys)} in all)" if len(keys) > 3 else "")
+
+
+def resolve_weights(source: str) -> Path:
+    """The local ``model.safetensors`` that ``source`` names: the file itself, the one in a folder, or a Hub
+    repo's, fetched with ``huggingface_hub.hf_hub_download`` (which honours ``HF_HUB_OFFLINE`` and the HF
+    cache). Raises one-line ModelLoadError naming ``aecsad.teacher_weights`` when there is none."""
+    refused = refused_weights(source)
+    if refused is not None:
+        raise ModelLoadError(f"{FIELD} {refused}")
+    local = Path(source).expanduser()
+    if local.is_dir():
+        if not (local / WEIGHTS_FILE).is_file():
+            raise ModelLoadError(f"{FIELD} {source!r} is a folder without {WEIGHTS_FILE}; {_INSTEAD}")
+        return local / WEIGHTS_FILE
+    if local.is_file():
+        if local.suffix.lower() != ".safetensors":
+            raise ModelLoadError(f"{FIELD} {source!r} is not a .safetensors file; {_INSTEAD}")
+        return local
+    if source.count("/") != 1 or source.startswith((".", "/", "~")) or source.endswith(".safetensors"):
+        raise ModelLoadError(f"{FIELD}: no file or folder {source!r}, and it is no Hub id (org/name)")
+    from huggingface_hub import constants, hf_hub_download
+
     try:
-        if path_or_url.startswith(("http://", "https://")):
-            state = torch.hub.load_state_dict_from_url(
-                path_or_url, map_location="cpu", progress=False, weights_only=True
-            )
-        else:
-            path = Path(path_or_url).expanduser()
-            if not path.is_file():
-                raise FileNotFoundError(f"no file {path}")
-            if path.suffix == ".safetensors":
-                from safetensors.torch import load_file
-
-                state = load_file(str(path))
-            else:
-                state = torch.load(str(path), map_location="cpu", weights_only=True)
-        if not isinstance(state, dict):
-            raise ValueError(f"expected a state dict, got {type(state).__name__}")
-        model.load_state_dict(state, strict=True)
-    except (OSError, RuntimeError, ValueError, KeyError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return Path(hf_hub_download(source, WEIGHTS_FILE))
+    except (OSError, ValueError) as error:
+        logger.debug("fetching %s of %s failed", WEIGHTS_FILE, source, exc_info=True)
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub did not give it"
         raise ModelLoadError(
-            f"cannot load wide_resnet50_2 weights from {path_or_url!r} ({first[:160]}); set {field} to a "
-            "local torchvision .pth file, or leave it empty for random weights"
+            f"cannot get the WRN-50-2 teacher weights ({WEIGHTS_FILE}) of Hub id {source!r}: it is not in "
+            f"the HF cache and {why} ({type(error).__name__}); set {FIELD} to a local .safetensors file or "
+            "its folder, or run with --profile offline"
         ) from None
-    logger.info("aecsad: loaded wide_resnet50_2 ImageNet weights from %s", path_or_url)
+
+
+def load_torchvision_weights(model: WideResNet, source: str) -> None:
+    """Load torchvision's ``wide_resnet50_2`` ImageNet weights, stored as safetensors, into ``model``.
+
+    Args:
+        model: the full-size teacher (``WideResNet()``); a smaller one fails the shape check.
+        source: a Hub repo id (:data:`.config.WRN50_2_WEIGHTS`), a local ``.safetensors`` file, or a folder
+            holding ``model.safetensors``. URLs and pickle checkpoints (``.pth``, ``.pt``, ``.bin``) are
+            refused unread.
+
+    Every key of the network but the ``fc`` classifier must be in the file, with its shape, and the file may
+    hold nothing else but ``fc`` keys; batch-norm ``num_batches_tracked`` counters may be absent. The
+    classifier is loaded only when its shapes fit (features never use it).
+
+    Raises:
+        ModelLoadError: one line naming ``aecsad.teacher_weights``: no such file, the weights are not on
+            this machine and the Hub cannot be reached, or the file holds other keys or shapes.
+    """
+    if not source:
+        raise ModelLoadError(f"{FIELD} is empty: {_INSTEAD}")
+    path = resolve_weights(source)
+    try:
+        state = load_file(str(path))
+    except (OSError, ValueError, SafetensorError) as error:
+        raise ModelLoadError(f"cannot read {FIELD} {source!r} ({_first_line(error)}); {_INSTEAD}") from None
+    expected = model.state_dict()
+    backbone = {key for key in expected if not key.startswith("fc.")}
+    optional = {key for key in backbone if key.endswith("num_batches_tracked")}
+    missing = sorted(backbone - optional - set(state))
+    unexpected = sorted(key for key in set(state) - set(expected) if not key.startswith("fc."))
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"{FIELD} {source!r} does not hold wide_resnet50_2 weights under torchvision's names (missing "
+            f"{_some(missing)}; unexpected {_some(unexpected)}); {_INSTEAD}"
+        )
+    wrong = [
+        key for key in expected if key in backbone & set(state) and state[key].shape != expected[key].shape
+    ]
+    if wrong:
+        key = wrong[0]
+        raise ModelLoadError(
+            f"{FIELD} {source!r}: {key} has shape {tuple(state[key].shape)}, the teacher wants "
+            f"{tuple(expected[key].shape)} ({len(wrong)} keys differ; the teacher must be full size)"
+        )
+    classifier = {key: value for key, value in state.items() if key.startswith("fc.")}
+    if set(classifier) != {"fc.weight", "fc.bias"} or any(
+        value.shape != expected[key].shape for key, value in classifier.items()
+    ):
+        classifier = {}
+    model.load_state_dict({key: state[key] for key in backbone & set(state)} | classifier, strict=False)
+    logger.info("aecsad: loaded wide_resnet50_2 ImageNet weights from %s (%s)", source, path)
