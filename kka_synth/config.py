@@ -375,6 +375,8 @@ class FilterConfig:
 
 
 EVALUATORS = ("deepsad-cnn", "deepsad-dinov2")
+DINOV2_PATCH = 14
+"""Patch side of the released DINOv2 backbones; ``evaluator.feature_size`` must be a multiple of it."""
 
 
 @dataclass
@@ -391,10 +393,23 @@ class EvaluatorConfig:
         "deepsad-dinov2: device of the backbone: auto, cpu, cuda, cuda:N.", default="auto"
     )
     batch_size: int = help_field("deepsad-dinov2: images per backbone forward pass.", default=16)
+    feature_size: int = help_field(
+        "deepsad-dinov2: side in pixels the backbone sees images at (a multiple of DINOv2's patch size 14).",
+        default=224,
+    )
+    dtype: str = help_field(
+        "deepsad-dinov2: backbone dtype: auto (bfloat16 on a CUDA GPU that supports it, else float32), "
+        "float32, float16 (not on cpu) or bfloat16; features come out as float32 either way.",
+        default="auto",
+    )
     eta: float = help_field("Weight of the labelled-anomaly term of Deep SAD.", default=1.0)
     pretrain_epochs: int = help_field("Autoencoder pretraining epochs.", default=20)
     epochs: int = help_field("Deep SAD training epochs.", default=50)
-    size: int = help_field("Side in pixels the evaluator sees images at (a multiple of 4).", default=128)
+    size: int = help_field(
+        "deepsad-cnn: side in pixels the CNN sees images at (a multiple of 4); deepsad-dinov2 uses "
+        "feature_size.",
+        default=128,
+    )
     crop: int | None = help_field(
         "Train on random crops of this side (full resolution at a fraction of the "
         "cost); None trains on whole images.",
@@ -415,6 +430,14 @@ class EvaluatorConfig:
             f"evaluator.device must be one of {', '.join(DEVICES)} or cuda:N, got {self.device!r}",
         )
         check_config(self.batch_size >= 1, f"evaluator.batch_size must be >= 1, got {self.batch_size}")
+        check_config(
+            self.feature_size >= DINOV2_PATCH and self.feature_size % DINOV2_PATCH == 0,
+            f"evaluator.feature_size must be a positive multiple of {DINOV2_PATCH} (DINOv2's patch size), "
+            f"got {self.feature_size}",
+        )
+        check_config(
+            self.dtype in DTYPES, f"evaluator.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}"
+        )
         check_config(self.eta > 0, "evaluator.eta must be positive")
         check_config(
             self.size % 4 == 0 and self.size >= 16,

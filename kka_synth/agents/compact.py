@@ -6,12 +6,15 @@ BPE tokenizer are pretrained on first use on specs sampled from the knowledge ba
 knowledge files, so one model serves any dataset, plus the user's own file when ``data.knowledge`` names one),
 then cached. Sampling is seeded and batched, and by default
 constrained to the spec grammar. DPO aligns it by training a LoRA adapter on :attr:`CompactProposer.model`;
-:meth:`CompactProposer.apply_adapter` merges that adapter so the next round samples with it.
+:meth:`CompactProposer.apply_adapter` merges that adapter so the next round samples with it. The model goes
+by :attr:`CompactProposer.model_name` (``kka-synth/compact-proposer@<cache key>``), which its adapters record
+as their base model in place of the cache folder's path on this machine.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -30,7 +33,13 @@ from kka_synth.agents.base import ProposalContext, parse_completion
 from kka_synth.agents.constraints import ConstraintError, Constraints
 from kka_synth.agents.corpus import SpecVocabulary, compact_prompt
 from kka_synth.agents.grammar import SpecGrammar, SpecGrammarProcessor
-from kka_synth.agents.pretrain import SETTINGS_FILE, CompactLMConfig, corpus_knowledge, load_or_pretrain
+from kka_synth.agents.pretrain import (
+    SETTINGS_FILE,
+    CompactLMConfig,
+    cache_key,
+    corpus_knowledge,
+    load_or_pretrain,
+)
 from kka_synth.config import ProposerConfig
 from kka_synth.prompts.knowledge import GENERIC
 from kka_synth.types import Proposal
@@ -40,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 WHAT = "the compact proposer"
 FIELD = "proposer.model"
+NAME = "kka-synth/compact-proposer"
+"""Prefix of :attr:`CompactProposer.model_name`."""
 
 __all__ = ["AdapterError", "CompactProposer", "narrow_vocabulary"]
 
@@ -70,6 +81,9 @@ class CompactProposer:
         lm = lm or CompactLMConfig()
         if model_dir is None:
             model_dir = load_or_pretrain(lm, self.config.pretrain_steps, seed)
+            tag = cache_key(lm, self.config.pretrain_steps, seed)
+        else:
+            tag = None
         model_dir = Path(model_dir)
         settings = _read_settings(model_dir, lm)
         self.path = model_dir
@@ -77,6 +91,11 @@ class CompactProposer:
         self.user_knowledge: str | None = settings.get("user_knowledge")
         self.max_description_words = int(settings["max_description_words"])
         self.model = load_pretrained(LlamaForCausalLM.from_pretrained, str(model_dir), WHAT, FIELD)
+        self.model_name = f"{NAME}@{tag or weights_digest(model_dir)}"
+        """Stable name of the model, free of machine paths: ``kka-synth/compact-proposer@<cache key>``, or
+        ``@<hash of the weights>`` for a saved folder. It is the model's ``name_or_path``, so the LoRA
+        adapters DPO trains on it record it as their base model."""
+        self.model.name_or_path = self.model_name
         self.model.eval()
         self.tokenizer = load_pretrained(PreTrainedTokenizerFast.from_pretrained, str(model_dir), WHAT, FIELD)
         self.tokenizer.padding_side = "left"
@@ -218,8 +237,17 @@ class CompactProposer:
                 "train DPO on a copy of it or merge them first"
             )
         merged = load_adapter(self.model, path).merge_and_unload()
+        merged.name_or_path = self.model_name
         self.model = merged.eval()
         logger.info("merged LoRA adapter %s into the compact proposer", path)
+
+
+def weights_digest(folder: Path) -> str:
+    """Hash of the safetensors weights in ``folder``: the same weights give the same name on any machine."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:20]
 
 
 def narrow_vocabulary(vocabulary: SpecVocabulary, constraints: Constraints) -> SpecVocabulary:

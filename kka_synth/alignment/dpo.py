@@ -15,13 +15,21 @@ None, a fresh adapter on top), or loaded trainable and trained further (``start_
 adapter is a whole delta from the base model that vLLM can serve on its own). The frozen weights under the
 adapter are the reference policy either way.
 
+The saved adapter names its base model by the model's own name (``base_model_name``: the hub id for the
+transformers and vLLM backends, ``kka-synth/compact-proposer@<cache key>`` for the compact one), not by the
+folder it was loaded from: PEFT records the local folder's absolute path, which would tie a run directory to
+one machine. Nothing reads that name back; adapters are loaded onto the project's own base model, and vLLM
+takes the adapter's folder.
+
 TRL's trainer runs under ``accelerate launch`` unchanged, so DPO on several GPUs is the same call.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,13 +44,20 @@ from trl import DPOConfig, DPOTrainer
 
 from kka_synth.alignment.pairs import pairs_to_columns
 from kka_synth.config import AlignmentConfig, ConfigError
+from kka_synth.runs import atomic_write_text
 from kka_synth.types import PreferencePair
-from kka_synth.utils.hub import load_adapter
+from kka_synth.utils.hub import ADAPTER_CONFIG, load_adapter
 
 logger = logging.getLogger(__name__)
 
 RESERVED_DPO_KEYS = ("output_dir", "seed")
 """Set from ``train_dpo``'s own arguments; naming them in ``alignment.dpo`` is an error."""
+
+ADAPTER_CARD = "README.md"
+"""The model card PEFT writes beside the adapter; its front matter names the base model too."""
+
+_PLAIN_YAML = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_./@+-]*")
+"""Names that YAML reads back unchanged without quotes."""
 
 
 @dataclass
@@ -123,6 +138,39 @@ def build_dpo_config(dpo: dict[str, Any], output_dir: str | Path, seed: int, max
         raise ConfigError(f"alignment.dpo rejected by DPOConfig: {str(error).splitlines()[0]}") from None
 
 
+def _yaml_scalar(text: str) -> str:
+    return text if _PLAIN_YAML.fullmatch(text) else json.dumps(text)
+
+
+def record_base_model(adapter_dir: str | Path, name: str) -> None:
+    """Name ``name`` as the base model of the PEFT adapter in ``adapter_dir``.
+
+    Sets ``base_model_name_or_path`` in ``adapter_config.json`` and the ``base_model`` entries of the model
+    card's front matter (``README.md``, when PEFT wrote one), each file replaced atomically. Loading does not
+    read the name: it only keeps a machine's folder out of the run directory.
+    """
+    adapter_dir = Path(adapter_dir)
+    config_path = adapter_dir / ADAPTER_CONFIG
+    settings = json.loads(config_path.read_text())
+    if settings.get("base_model_name_or_path") != name:
+        settings["base_model_name_or_path"] = name
+        atomic_write_text(config_path, json.dumps(settings, indent=2, sort_keys=True))
+    card_path = adapter_dir / ADAPTER_CARD
+    if not card_path.is_file():
+        return
+    lines = card_path.read_text().split("\n")
+    if lines[0] != "---" or "---" not in lines[1:]:
+        return
+    changed = list(lines)
+    for index in range(1, lines.index("---", 1)):  # the YAML front matter
+        if lines[index].startswith("base_model:"):
+            changed[index] = f"base_model: {_yaml_scalar(name)}"
+        elif lines[index].startswith("- base_model:adapter:"):
+            changed[index] = f"- {_yaml_scalar('base_model:adapter:' + name)}"
+    if changed != lines:
+        atomic_write_text(card_path, "\n".join(changed))
+
+
 def _completion_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, text: str) -> tuple[list[int], int]:
     """Token ids of prompt + text + EOS and where the completion starts (as TRL tokenises it)."""
     prompt_ids = tokenizer(prompt)["input_ids"]
@@ -188,12 +236,15 @@ def train_dpo(
     output_dir: str | Path,
     seed: int,
     start_adapter: str | Path | None = None,
+    base_model_name: str | None = None,
 ) -> DPOResult:
     """Train a LoRA adapter on ``pairs`` with DPO and save it to ``output_dir``.
 
     ``model`` must be a plain (not LoRA-wrapped) causal LM. Without ``start_adapter`` a fresh adapter is
     made from ``config.lora``; with it, that saved adapter is loaded trainable and trained further (its own
-    LoRA settings hold). ``model`` leaves with its weights unchanged and no LoRA layers.
+    LoRA settings hold). ``model`` leaves with its weights unchanged and no LoRA layers. The saved adapter
+    names ``base_model_name`` as its base model (:func:`record_base_model`); None takes the model's own
+    ``name_or_path``, which the compact proposer sets to its stable name.
 
     Raises ValueError for no pairs, a LoRA-wrapped model or a tokenizer without EOS, and
     :class:`~kka_synth.utils.hub.AdapterError` (a ValueError) for a ``start_adapter`` folder without an
@@ -206,6 +257,7 @@ def train_dpo(
     if tokenizer.eos_token is None:
         raise ValueError("the tokenizer has no eos_token; DPO appends it to every completion")
     output_dir = Path(output_dir)
+    base_model_name = base_model_name or getattr(model, "name_or_path", None) or None
     lora_config = build_lora_config(config.lora)
     longest = max(
         len(_completion_ids(tokenizer, p.prompt, text)[0]) for p in pairs for text in (p.chosen, p.rejected)
@@ -232,6 +284,8 @@ def train_dpo(
     output_dir.mkdir(parents=True, exist_ok=True)
     if trainer.accelerator.is_main_process:
         peft_model.save_pretrained(str(output_dir))
+        if base_model_name is not None:
+            record_base_model(output_dir, base_model_name)
     peft_model.eval()
     margin_after = preference_margin(peft_model, tokenizer, pairs)
     base = peft_model.unload()

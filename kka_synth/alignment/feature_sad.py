@@ -4,16 +4,20 @@ Implements Deep SAD from Ruff et al., "Deep Semi-Supervised Anomaly Detection" (
 embeddings of a frozen DINOv2 (Oquab et al., "DINOv2: Learning Robust Visual Features without Supervision",
 TMLR 2024), loaded through ``transformers`` by :func:`kka_synth.detectors.vfm.model.load_dinov2`.
 
-Features. Each image is resized to ``size`` x ``size`` (224 by default, DINOv2's training resolution; a
-multiple of the patch size), scaled to [0, 1] and normalised with the ImageNet mean and std; its feature is
+Features. Each image is resized to ``config.feature_size`` x ``config.feature_size`` (224 by default,
+DINOv2's training resolution; a multiple of the patch size 14; ``evaluator.size`` is the CNN evaluator's
+and does not apply here), scaled to [0, 1] and normalised with the ImageNet mean and std; its feature is
 the final-layer-normed CLS token (the model's pooled output) concatenated with the mean of its normed patch
-tokens, a (2 x hidden,) float32 vector. The backbone runs without gradients in batches of
-``config.batch_size`` on ``config.device`` in float32; the head always trains and scores on the CPU.
+tokens, a (2 x hidden,) vector. The backbone runs without gradients in batches of ``config.batch_size`` on
+``config.device`` in ``config.dtype``: ``auto`` is bfloat16 on a CUDA GPU that supports it and float32
+everywhere else; bfloat16 is allowed on the CPU, float16 is not. The features are returned as float32
+whatever the backbone's dtype, and the head always trains and scores on the CPU in float32.
 
-Cache. A feature depends only on the backbone, the size and the image, and the loop refits the evaluator
-on the same normal images in every fold of every iteration. :func:`dinov2_features` therefore keeps one
-:class:`Dinov2Features` per (model, size, device) for the whole process, holding the loaded backbone and a
-bounded cache of features keyed by a hash of each image's bytes and shape: an image is encoded once.
+Cache. A feature depends only on the backbone, its input size and dtype, and the image, and the loop refits
+the evaluator on the same normal images in every fold of every iteration. :func:`dinov2_features` therefore
+keeps one :class:`Dinov2Features` per (model, size, device, dtype) for the whole process, holding the loaded
+backbone and a bounded cache of features keyed by a hash of each image's bytes and shape: an image is
+encoded once, and a feature computed in bfloat16 is never handed out for a float32 request.
 
 Head. A bias-free MLP ``2D -> 256 -> 64`` with LeakyReLU between its layers (the paper forbids bias terms:
 with them the network can map every input onto the centre). Its input is the features standardised with the
@@ -73,17 +77,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SIZE = 224
-"""Side in pixels the backbone sees images at unless the evaluator is given another ``size``."""
-
 CACHE_LIMIT = 20_000
 """Features kept per :class:`Dinov2Features`; the least recently used go first beyond this."""
 
 METADATA_KEY = "feature_deepsad"
 """Metadata key of the settings in a saved evaluator file."""
 
-_SHARED: dict[tuple[str, int, str], Dinov2Features] = {}
-"""Process-level backbones and their feature caches, by (model, size, device); filled on first use."""
+_SHARED: dict[tuple[str, int, str, str], Dinov2Features] = {}
+"""Process-level backbones and their feature caches, by (model, size, device, dtype); filled on first use."""
 
 
 def image_key(image: np.ndarray) -> str:
@@ -94,18 +95,47 @@ def image_key(image: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+def backbone_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The torch dtype ``evaluator.dtype`` ``name`` means for a backbone on ``device``.
+
+    ``auto`` is bfloat16 on a CUDA device that supports it natively and float32 otherwise (the CPU included);
+    an explicit float16 on the CPU is refused with a one-line ValueError naming ``evaluator.dtype``.
+    """
+    from kka_synth.utils.devices import resolve_dtype
+
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        with torch.cuda.device(device):  # the device asked for, not the current one
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if native else torch.float32
+    try:
+        return resolve_dtype(name, device)
+    except ValueError as error:
+        raise ValueError(f"evaluator.{error}") from None
+
+
 class Dinov2Features:
     """A frozen DINOv2 and its feature cache: RGB uint8 images -> (N, 2 x hidden) float32 CPU features.
 
-    Built from a :class:`~kka_synth.detectors.vfm.model.Backbone` (frozen, with the ImageNet normalisation).
+    Built from a :class:`~kka_synth.detectors.vfm.model.Backbone` (frozen, with the ImageNet normalisation),
+    whose model runs in ``dtype`` on ``device``; images are normalised in float32 before the cast.
     ``encoded`` counts the images that went through the backbone (cache misses).
     """
 
-    def __init__(self, backbone: Backbone, size: int, device: torch.device, batch_size: int):
+    def __init__(
+        self,
+        backbone: Backbone,
+        size: int,
+        device: torch.device,
+        batch_size: int,
+        dtype: torch.dtype = torch.float32,
+    ):
         if size % backbone.patch_size != 0:
             raise ValueError(f"size {size} must be a multiple of the DINOv2 patch size {backbone.patch_size}")
         self.backbone = backbone.to(device).eval()
-        self.size, self.device, self.batch_size = size, device, batch_size
+        self.backbone.model.to(dtype=dtype)  # the normalisation buffers stay float32
+        self.size, self.device, self.batch_size, self.dtype = size, device, batch_size, dtype
         self.dim = 2 * backbone.hidden_size
         self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.encoded = 0
@@ -123,12 +153,12 @@ class Dinov2Features:
     @torch.inference_mode()
     def _forward(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """(B, 2D) features of a batch: [pooled CLS token, mean of the patch tokens]."""
-        x = self._pixels(images).to(self.device)  # (B, 3, S, S)
-        x = (x - self.backbone.mean) / self.backbone.std
+        x = self._pixels(images).to(self.device)  # (B, 3, S, S) float32
+        x = ((x - self.backbone.mean) / self.backbone.std).to(self.dtype)
         tokens = self.backbone.model(pixel_values=x).last_hidden_state  # (B, T, D), final layer norm applied
         cls = tokens[:, 0]  # (B, D): the pooled output of Dinov2Model
         patches = tokens[:, self.backbone.prefix_tokens :].mean(dim=1)  # (B, D)
-        return torch.cat([cls, patches], dim=1).float().cpu()  # (B, 2D)
+        return torch.cat([cls, patches], dim=1).float().cpu()  # (B, 2D) float32 whatever the dtype
 
     def __call__(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """(N, 2D) float32 features of ``images``, encoding only those not cached yet."""
@@ -156,23 +186,28 @@ class Dinov2Features:
         return out
 
 
-def dinov2_features(config: EvaluatorConfig, size: int = DEFAULT_SIZE) -> Dinov2Features:
-    """The process-wide :class:`Dinov2Features` of ``config.model`` at ``size`` on ``config.device``.
+def dinov2_features(config: EvaluatorConfig, size: int | None = None) -> Dinov2Features:
+    """The process-wide :class:`Dinov2Features` of ``config.model`` on ``config.device`` in ``config.dtype``.
 
-    Loads the backbone on first use; missing weights raise one-line ``ModelLoadError`` naming
-    ``evaluator.model`` and ``--profile offline``.
+    Images are resized to ``size`` (``config.feature_size`` when None). Loads the backbone on first use;
+    missing weights raise one-line ``ModelLoadError`` naming ``evaluator.model`` and ``--profile offline``,
+    and float16 on the CPU a one-line ValueError naming ``evaluator.dtype`` before anything is loaded.
     """
     from kka_synth.detectors.vfm.model import Backbone, load_dinov2
     from kka_synth.utils.devices import resolve_device
     from kka_synth.utils.hub import load_pretrained
 
+    size = config.feature_size if size is None else size
     device = resolve_device(config.device)
-    key = (config.model, size, str(device))
+    dtype = backbone_dtype(config.dtype, device)
+    key = (config.model, size, str(device), str(dtype).removeprefix("torch."))
     if key not in _SHARED:
         what = "the DINOv2 backbone of the confusion evaluator"
         model = load_pretrained(load_dinov2, config.model, what, "evaluator.model")
-        _SHARED[key] = Dinov2Features(Backbone(model), size, device, config.batch_size)
-        logger.info("loaded DINOv2 %s for the confusion evaluator (%s, %d px)", config.model, device, size)
+        _SHARED[key] = Dinov2Features(Backbone(model), size, device, config.batch_size, dtype)
+        logger.info(
+            "loaded DINOv2 %s for the confusion evaluator (%s, %s, %d px)", config.model, device, key[3], size
+        )
     features = _SHARED[key]
     features.batch_size = config.batch_size
     return features
@@ -229,7 +264,8 @@ class FeatureDeepSADEvaluator:
     Same call shape as :class:`~kka_synth.alignment.deepsad.DeepSADEvaluator` (``pretrain``, ``fit``,
     ``score``, ``clone``, ``save``, ``load``). Images are lists of RGB uint8 (H, W, 3) arrays of any size.
     The backbone is loaded on first use, not in the constructor; ``features`` hands over a
-    :class:`Dinov2Features` instead of the shared one. Training is deterministic for a given ``seed`` (a
+    :class:`Dinov2Features` instead of the shared one. ``size`` overrides ``config.feature_size`` (for a
+    backbone whose patch is not 14 pixels); None keeps it. Training is deterministic for a given ``seed`` (a
     private torch generator initialises the head and a numpy generator orders the batches).
     """
 
@@ -246,7 +282,7 @@ class FeatureDeepSADEvaluator:
         features: Dinov2Features | None = None,
     ):
         self.config = config or EvaluatorConfig(name="deepsad-dinov2")
-        size = DEFAULT_SIZE if size is None else size
+        size = self.config.feature_size if size is None else size
         if size < 14:
             raise ValueError(f"size must be at least 14 pixels, got {size}")
         if not widths or any(w < 1 for w in widths):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,19 @@ def test_run_leaves_a_complete_run_directory(finished_run: Path):
         assert all(r["reason"] for r in rows if r["label"] == "rejected")
         assert (finished_run / "adapters" / str(k) / "adapter_config.json").is_file()
     assert (finished_run / "curated" / "index.jsonl").is_file()
+
+
+def test_adapters_name_the_compact_model_not_a_folder_of_this_machine(finished_run: Path):
+    """PEFT records the base model's folder; the run keeps the compact model's stable name instead, so the
+    run directory can move (the resume test below loads these adapters again)."""
+    out, cache = str(finished_run.parent.parent), os.environ["KKA_SYNTH_CACHE"]
+    for k in (1, 2):
+        adapter = finished_run / "adapters" / str(k)
+        settings = json.loads((adapter / "adapter_config.json").read_text())
+        assert settings["base_model_name_or_path"].startswith("kka-synth/compact-proposer@")
+        for name in ("adapter_config.json", "README.md"):
+            text = (adapter / name).read_text()
+            assert out not in text and cache not in text, name
 
 
 def test_resume_after_a_kill_loses_nothing(

@@ -24,8 +24,8 @@ from kka_synth.agents import (
 from kka_synth.agents import pretrain as pretrain_module
 from kka_synth.agents.compact import narrow_vocabulary
 from kka_synth.agents.grammar import GrammarError
-from kka_synth.config import ConfigError, ProposerConfig
-from kka_synth.types import REGIONS, SHAPES, SPEC_FIELDS, TONES
+from kka_synth.config import AlignmentConfig, ConfigError, ProposerConfig
+from kka_synth.types import REGIONS, SHAPES, SPEC_FIELDS, TONES, PreferencePair
 from kka_synth.utils.hub import ModelLoadError
 
 REASONS = {"not_json", "missing_field", "unknown_type", "bad_region", "bad_size", "bad_shape", "bad_tone",
@@ -181,6 +181,48 @@ def test_apply_adapter_merges_lora(tiny_proposer: CompactProposer, tmp_path, mak
     assert all(
         p.error in (None, "unknown_type")
         for p in proposer.propose(ProposalContext.for_category("washer"), 8, 0)
+    )
+
+
+def test_model_name_is_stable_and_free_of_machine_paths(
+    tiny_proposer: CompactProposer, tmp_path, make_config, tiny_lm
+) -> None:
+    key = pretrain_module.cache_key(tiny_lm, make_config().pretrain_steps, seed=0)
+    assert tiny_proposer.model_name == f"kka-synth/compact-proposer@{key}"
+    assert tiny_proposer.model.name_or_path == tiny_proposer.model_name  # what PEFT records as the base
+    tiny_proposer.save_pretrained(tmp_path / "a")
+    tiny_proposer.save_pretrained(tmp_path / "b")
+    a = CompactProposer.from_pretrained(tmp_path / "a", make_config())
+    b = CompactProposer.from_pretrained(tmp_path / "b", make_config())
+    assert a.model_name == b.model_name and a.model_name.startswith("kka-synth/compact-proposer@")
+    assert str(tmp_path) not in a.model_name and a.model_name != tiny_proposer.model_name
+
+
+def test_dpo_adapter_names_the_compact_model_and_loads_elsewhere(
+    washer: ProposalContext, tmp_path, make_config, tiny_lm
+) -> None:
+    """The adapter records ``kka-synth/compact-proposer@<key>``, not the cache folder, and still loads."""
+    from kka_synth.alignment.dpo import preference_margin, train_dpo
+
+    proposer = CompactProposer(make_config(), seed=0, lm=tiny_lm)  # from the session cache
+    texts = [p.text for p in proposer.propose(washer, 8, seed=0)]
+    prompt = proposer.prompt_for(washer)
+    pairs = [PreferencePair(prompt, texts[i], texts[i + 4]) for i in range(4)]
+    dpo = {**AlignmentConfig().dpo, "num_train_epochs": 2, "per_device_train_batch_size": 4}
+    result = train_dpo(proposer.model, proposer.tokenizer, pairs, AlignmentConfig(dpo=dpo), tmp_path, seed=0)
+    settings = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert settings["base_model_name_or_path"] == proposer.model_name
+    cache_root = str(proposer.path.parent.parent)
+    for file in tmp_path.iterdir():
+        if file.suffix in (".json", ".md"):
+            text = file.read_text()
+            assert cache_root not in text and str(tmp_path) not in text, file.name
+    fresh = CompactProposer.from_pretrained(proposer.path, make_config())
+    fresh.apply_adapter(tmp_path)
+    assert fresh.model.name_or_path == fresh.model_name  # kept through the merge
+    margin = preference_margin(fresh.model, fresh.tokenizer, pairs)
+    assert (
+        margin == pytest.approx(result.margin_after, abs=1e-3) and result.margin_after > result.margin_before
     )
 
 

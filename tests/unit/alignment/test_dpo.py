@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import yaml
 from peft import PeftModel
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -19,6 +20,7 @@ from kka_synth.alignment.dpo import (
     build_dpo_config,
     build_lora_config,
     preference_margin,
+    record_base_model,
     sequence_logprobs,
     train_dpo,
 )
@@ -196,3 +198,57 @@ def test_wrapped_model_and_empty_pairs_are_refused(tokenizer, pairs, tmp_path) -
         train_dpo(wrapped, tokenizer, pairs, AlignmentConfig(), tmp_path, seed=0)
     with pytest.raises(ValueError, match="at least one preference pair"):
         train_dpo(_model(tokenizer), tokenizer, [], AlignmentConfig(), tmp_path, seed=0)
+
+
+def _front_matter(card: str) -> dict:
+    head, _, _ = card.removeprefix("---\n").partition("\n---")
+    return yaml.safe_load(head)
+
+
+def test_adapter_names_the_given_base_model_not_the_folder(tokenizer, pairs, tmp_path) -> None:
+    """A model loaded from a local folder: PEFT would record that folder's absolute path."""
+    _model(tokenizer).save_pretrained(tmp_path / "base")
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "base")
+    assert str(tmp_path) in model.name_or_path  # what PEFT would have written
+    config = AlignmentConfig(dpo={**AlignmentConfig().dpo, "num_train_epochs": 2})
+    out = tmp_path / "adapter"
+    result = train_dpo(model, tokenizer, pairs[:8], config, out, seed=0, base_model_name="org/tiny-llama")
+    settings = json.loads((out / "adapter_config.json").read_text())
+    assert settings["base_model_name_or_path"] == "org/tiny-llama"
+    assert len(settings["target_modules"]) == 14  # all-linear: q, k, v, o, gate, up, down x 2 layers
+    card = (out / "README.md").read_text()
+    assert _front_matter(card)["base_model"] == "org/tiny-llama"
+    assert "base_model:adapter:org/tiny-llama" in _front_matter(card)["tags"]
+    for name in ("adapter_config.json", "README.md"):
+        assert str(tmp_path) not in (out / name).read_text(), name
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    # loading reads the weights, not the name: the adapter on a fresh copy of the base is the trained policy
+    fresh = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tmp_path / "base"), str(out))
+    margin = preference_margin(fresh, tokenizer, pairs[:8])
+    assert margin == pytest.approx(result.margin_after, abs=1e-4)
+    assert abs(result.margin_after - result.margin_before) > 1e-3  # the adapter changed the policy
+
+
+def test_record_base_model_quotes_what_yaml_would_misread(tmp_path) -> None:
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps({"base_model_name_or_path": "/data/models/tiny", "r": 4, "target_modules": ["b", "a"]})
+    )
+    card = "---\nbase_model: /data/models/tiny\ntags:\n- base_model:adapter:/data/models/tiny\n- lora\n---\n"
+    (tmp_path / "README.md").write_text(card + "\nbase_model: body text is left alone\n")
+    record_base_model(tmp_path, "my model: v2")
+    settings = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert settings == {"base_model_name_or_path": "my model: v2", "r": 4, "target_modules": ["b", "a"]}
+    text = (tmp_path / "README.md").read_text()
+    assert _front_matter(text) == {
+        "base_model": "my model: v2",
+        "tags": ["base_model:adapter:my model: v2", "lora"],
+    }
+    assert text.endswith("\nbase_model: body text is left alone\n") and "/data/models" not in text
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary files left
+    (tmp_path / "README.md").unlink()
+    record_base_model(tmp_path, "org/name")  # no model card: only the config changes
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/name"

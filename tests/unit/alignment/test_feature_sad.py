@@ -1,14 +1,16 @@
-"""Deep SAD head on frozen DINOv2 features: features, cache, ranking, persistence, errors.
+"""Deep SAD head on frozen DINOv2 features: features, input size, dtype, cache, ranking, persistence, errors.
 
 The backbone is a tiny random DINOv2 (2 blocks of width 32, 8-pixel patches) saved to a folder, so the real
-``from_pretrained`` path runs. A random backbone sees little: on the demo brick texture a dark blob is just
-more dark texture to it, and blobs under ~10% of the image barely move its global feature. The planted set
-therefore uses the demo washer (an object on a plain background) with a dark disc over ~20% of a 64-pixel
-image, whose contrast grows from 0.1 to 1.0 in 12 levels.
+``from_pretrained`` path runs; the input-size and dtype tests use one with DINOv2's own 14-pixel patches. A
+random backbone sees little: on the demo brick texture a dark blob is just more dark texture to it, and blobs
+under ~10% of the image barely move its global feature. The planted set therefore uses the demo washer (an
+object on a plain background) with a dark disc over ~20% of a 64-pixel image, whose contrast grows from 0.1
+to 1.0 in 12 levels.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -22,12 +24,14 @@ from transformers import Dinov2Model
 
 from kka_synth.alignment.deepsad import CENTER_EPS, EvaluatorInputError
 from kka_synth.alignment.feature_sad import (
+    Dinov2Features,
     FeatureDeepSADEvaluator,
+    backbone_dtype,
     clear_feature_cache,
     dinov2_features,
 )
 from kka_synth.alignment.hardness import JudgeEvaluator, cross_fit_hardness
-from kka_synth.config import EvaluatorConfig
+from kka_synth.config import ConfigError, EvaluatorConfig
 from kka_synth.data.demo_generator import demo_normal
 from kka_synth.utils.hub import ModelLoadError
 
@@ -122,6 +126,92 @@ def test_normals_are_encoded_once_across_iterations(model_dir: Path, washer: dic
     judge.hardness(second)
     assert shared.encoded == 32  # the judge reuses the same backbone and cache
     assert judge.evaluator.features is shared
+
+
+# ------------------------------------------------------------------------------ input size and dtype
+@pytest.fixture(scope="module")
+def patch14_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny DINOv2 with the released models' 14-pixel patches."""
+    return save_tiny_dinov2(tmp_path_factory.mktemp("dinov2-patch14"), patch_size=14, image_size=28)
+
+
+def _input_sides(features: Dinov2Features, images: list[np.ndarray]) -> tuple[torch.Tensor, set[tuple]]:
+    """(features of ``images``, the (H, W) shapes of the pixel_values the backbone was called with)."""
+    seen: set[tuple] = set()
+
+    def hook(module, args, kwargs, output):
+        seen.add(tuple(kwargs["pixel_values"].shape[2:]))
+
+    handle = features.backbone.model.register_forward_hook(hook, with_kwargs=True)
+    try:
+        return features(images), seen
+    finally:
+        handle.remove()
+
+
+def test_feature_size_sets_the_backbone_input(patch14_dir: Path, washer: dict) -> None:
+    images = washer["normals"][:3]
+    default, seen = _input_sides(dinov2_features(dino(patch14_dir)), images)
+    assert seen == {(224, 224)}  # evaluator.size (the CNN's 128) does not apply
+    small, seen = _input_sides(dinov2_features(dino(patch14_dir, feature_size=28)), images)
+    assert seen == {(28, 28)}
+    for features in (default, small):
+        assert features.shape == (3, 64) and features.dtype == torch.float32
+        assert bool(torch.isfinite(features).all())
+    assert not torch.allclose(default, small)  # other input, other feature: not served from one cache
+    evaluator = FeatureDeepSADEvaluator(dino(patch14_dir, feature_size=42, epochs=2))
+    assert evaluator.size == 42 and evaluator.features.size == 42
+
+
+def test_bfloat16_on_cpu_is_close_to_float32_and_cached_apart(patch14_dir: Path, washer: dict) -> None:
+    images = washer["normals"][:4]
+    full = dinov2_features(dino(patch14_dir, feature_size=28))
+    half = dinov2_features(dino(patch14_dir, feature_size=28, dtype="bfloat16"))
+    assert full is not half  # a bfloat16 feature is never handed out for a float32 request
+    assert next(full.backbone.model.parameters()).dtype == torch.float32  # auto on cpu
+    assert next(half.backbone.model.parameters()).dtype == torch.bfloat16
+    reference, approximate = full(images), half(images)
+    assert full.encoded == 4 and half.encoded == 4
+    assert approximate.dtype == torch.float32 and bool(torch.isfinite(approximate).all())
+    assert not torch.equal(approximate, reference)  # the bfloat16 backbone did run
+    error = (approximate - reference).norm(dim=1) / reference.norm(dim=1)
+    assert float(error.max()) < 0.05, f"relative error of bfloat16 features {float(error.max()):.4f}"
+
+
+def test_float16_on_cpu_is_refused_in_one_line_before_loading(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="evaluator.dtype float16 is not supported on cpu") as caught:
+        dinov2_features(dino(tmp_path / "never-read", dtype="float16"))
+    assert "\n" not in str(caught.value)
+
+
+def test_auto_dtype_is_bfloat16_only_on_cuda_that_supports_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert backbone_dtype("auto", torch.device("cpu")) == torch.float32
+    assert backbone_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    assert backbone_dtype("float16", torch.device("cuda")) == torch.float16
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
+
+        def supported(including_emulation: bool = True, answer: bool = native) -> bool:
+            assert not including_emulation  # emulated bfloat16 is slow: auto takes only the native kind
+            return answer
+
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported)
+        assert backbone_dtype("auto", torch.device("cuda:0")) == expected
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"feature_size": 100}, "evaluator.feature_size must be a positive multiple of 14"),
+        ({"feature_size": 0}, "evaluator.feature_size must be a positive multiple of 14"),
+        ({"feature_size": 7}, "evaluator.feature_size must be a positive multiple of 14"),
+        ({"dtype": "half"}, "evaluator.dtype must be one of auto, float32, float16, bfloat16"),
+    ],
+)
+def test_bad_feature_size_or_dtype_is_a_one_line_config_error(changes: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as caught:
+        EvaluatorConfig(name="deepsad-dinov2", **changes)
+    assert "\n" not in str(caught.value)
 
 
 # ----------------------------------------------------------------------------------------- training
