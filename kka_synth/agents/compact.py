@@ -43,7 +43,13 @@ from kka_synth.agents.pretrain import (
 from kka_synth.config import ProposerConfig
 from kka_synth.prompts.knowledge import GENERIC
 from kka_synth.types import Proposal
-from kka_synth.utils.hub import AdapterError, check_adapter_dir, load_adapter, load_pretrained
+from kka_synth.utils.hub import (
+    MODEL_NAME_ATTR,
+    AdapterError,
+    check_adapter_dir,
+    load_adapter,
+    load_pretrained,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -93,9 +99,9 @@ class CompactProposer:
         self.model = load_pretrained(LlamaForCausalLM.from_pretrained, str(model_dir), WHAT, FIELD)
         self.model_name = f"{NAME}@{tag or weights_digest(model_dir)}"
         """Stable name of the model, free of machine paths: ``kka-synth/compact-proposer@<cache key>``, or
-        ``@<hash of the weights>`` for a saved folder. It is the model's ``name_or_path``, so the LoRA
-        adapters DPO trains on it record it as their base model."""
-        self.model.name_or_path = self.model_name
+        ``@<hash of the weights>`` for a saved folder. The model carries it (``MODEL_NAME_ATTR``), so the
+        LoRA adapters DPO trains on it record it as their base model."""
+        setattr(self.model, MODEL_NAME_ATTR, self.model_name)
         self.model.eval()
         self.tokenizer = load_pretrained(PreTrainedTokenizerFast.from_pretrained, str(model_dir), WHAT, FIELD)
         self.tokenizer.padding_side = "left"
@@ -237,7 +243,7 @@ class CompactProposer:
                 "train DPO on a copy of it or merge them first"
             )
         merged = load_adapter(self.model, path).merge_and_unload()
-        merged.name_or_path = self.model_name
+        setattr(merged, MODEL_NAME_ATTR, self.model_name)
         self.model = merged.eval()
         logger.info("merged LoRA adapter %s into the compact proposer", path)
 

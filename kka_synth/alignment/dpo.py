@@ -46,7 +46,7 @@ from kka_synth.alignment.pairs import pairs_to_columns
 from kka_synth.config import AlignmentConfig, ConfigError
 from kka_synth.runs import atomic_write_text
 from kka_synth.types import PreferencePair
-from kka_synth.utils.hub import ADAPTER_CONFIG, load_adapter
+from kka_synth.utils.hub import ADAPTER_CONFIG, MODEL_NAME_ATTR, load_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -243,8 +243,9 @@ def train_dpo(
     ``model`` must be a plain (not LoRA-wrapped) causal LM. Without ``start_adapter`` a fresh adapter is
     made from ``config.lora``; with it, that saved adapter is loaded trainable and trained further (its own
     LoRA settings hold). ``model`` leaves with its weights unchanged and no LoRA layers. The saved adapter
-    names ``base_model_name`` as its base model (:func:`record_base_model`); None takes the model's own
-    ``name_or_path``, which the compact proposer sets to its stable name.
+    names ``base_model_name`` as its base model (:func:`record_base_model`); None takes the name the model
+    carries (``MODEL_NAME_ATTR``, which the compact proposer sets to its stable name), else its
+    ``name_or_path``.
 
     Raises ValueError for no pairs, a LoRA-wrapped model or a tokenizer without EOS, and
     :class:`~kka_synth.utils.hub.AdapterError` (a ValueError) for a ``start_adapter`` folder without an
@@ -257,7 +258,8 @@ def train_dpo(
     if tokenizer.eos_token is None:
         raise ValueError("the tokenizer has no eos_token; DPO appends it to every completion")
     output_dir = Path(output_dir)
-    base_model_name = base_model_name or getattr(model, "name_or_path", None) or None
+    carried = getattr(model, MODEL_NAME_ATTR, None) or getattr(model, "name_or_path", None)
+    base_model_name = base_model_name or carried or None
     lora_config = build_lora_config(config.lora)
     longest = max(
         len(_completion_ids(tokenizer, p.prompt, text)[0]) for p in pairs for text in (p.chosen, p.rejected)

@@ -47,6 +47,10 @@ _WEIGHT_CLASSES = ("PreTrainedModel", "_BaseAutoModelClass", "ModelMixin", "Diff
 _POLICY = ("trust_remote_code", "use_safetensors")
 
 ADAPTER_CONFIG = "adapter_config.json"
+MODEL_NAME_ATTR = "kka_synth_model_name"
+"""Attribute of a loaded model that names it for the adapters trained on it, where its ``name_or_path`` is a
+local folder of this machine (the compact proposer's cache). ``name_or_path`` itself stays the folder: PEFT
+reads the base model's config from it when it saves an adapter."""
 ADAPTER_WEIGHT_STEMS = ("adapter_model", "new_embeddings")
 """Names (without ending) of the weight files in a PEFT adapter folder that PEFT or vLLM read."""
 

@@ -4,6 +4,7 @@ import copy
 import dataclasses
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,7 +27,7 @@ from kka_synth.agents.compact import narrow_vocabulary
 from kka_synth.agents.grammar import GrammarError
 from kka_synth.config import AlignmentConfig, ConfigError, ProposerConfig
 from kka_synth.types import REGIONS, SHAPES, SPEC_FIELDS, TONES, PreferencePair
-from kka_synth.utils.hub import ModelLoadError
+from kka_synth.utils.hub import MODEL_NAME_ATTR, ModelLoadError
 
 REASONS = {"not_json", "missing_field", "unknown_type", "bad_region", "bad_size", "bad_shape", "bad_tone",
            "bad_severity"}  # fmt: skip
@@ -189,7 +190,9 @@ def test_model_name_is_stable_and_free_of_machine_paths(
 ) -> None:
     key = pretrain_module.cache_key(tiny_lm, make_config().pretrain_steps, seed=0)
     assert tiny_proposer.model_name == f"kka-synth/compact-proposer@{key}"
-    assert tiny_proposer.model.name_or_path == tiny_proposer.model_name  # what PEFT records as the base
+    # what the adapters record as their base; name_or_path stays the folder PEFT reads the config from
+    assert getattr(tiny_proposer.model, MODEL_NAME_ATTR) == tiny_proposer.model_name
+    assert Path(tiny_proposer.model.name_or_path).is_dir()
     tiny_proposer.save_pretrained(tmp_path / "a")
     tiny_proposer.save_pretrained(tmp_path / "b")
     a = CompactProposer.from_pretrained(tmp_path / "a", make_config())
@@ -219,7 +222,7 @@ def test_dpo_adapter_names_the_compact_model_and_loads_elsewhere(
             assert cache_root not in text and str(tmp_path) not in text, file.name
     fresh = CompactProposer.from_pretrained(proposer.path, make_config())
     fresh.apply_adapter(tmp_path)
-    assert fresh.model.name_or_path == fresh.model_name  # kept through the merge
+    assert getattr(fresh.model, MODEL_NAME_ATTR) == fresh.model_name  # kept through the merge
     margin = preference_margin(fresh.model, fresh.tokenizer, pairs)
     assert (
         margin == pytest.approx(result.margin_after, abs=1e-3) and result.margin_after > result.margin_before
