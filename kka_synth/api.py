@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kka_synth.config import ConfigError, RunConfig, profile_defaults
-from kka_synth.runs import RunDir, inside, read_candidates, read_jsonl
+from kka_synth.runs import RunDir, read_candidates, read_jsonl, run_file
 
 Progress = Callable[[str, int, int], None]
 """``progress(task, done, total)``, as the CLI's progress bars receive it."""
@@ -116,7 +116,7 @@ class Run:
             for row in read_candidates(folder):
                 if label is not None and row["label"] != label:
                     continue
-                rows.append(self._with_paths(row, folder))
+                rows.append(_with_paths(row, folder, f"iterations/{k}/candidates.parquet"))
         return rows
 
     def curated(self) -> list[dict[str, Any]]:
@@ -127,19 +127,8 @@ class Run:
         index = self._dir.curated_dir / "index.jsonl"
         if not index.is_file():
             return []
-        return [self._with_paths(row, self._dir.curated_dir) for row in read_jsonl(index)]
-
-    def _with_paths(self, row: dict[str, Any], folder: Path) -> dict[str, Any]:
-        """``row`` with its ``image`` and ``mask`` (relative to ``folder``) as paths checked to stay inside
-        the run directory."""
-        for key in ("image", "mask"):
-            value = row.get(key)
-            if value is not None:
-                inside(folder, str(value))
-                row[key] = str(folder / str(value))
-            else:
-                row[key] = None
-        return row
+        curated = self._dir.curated_dir
+        return [_with_paths(row, curated, "curated/index.jsonl") for row in read_jsonl(index)]
 
     def report(self) -> Path:
         """Write (or rewrite) ``report.html`` and return its path."""
@@ -152,6 +141,15 @@ class Run:
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, iterations={self.iterations()})"
+
+
+def _with_paths(row: dict[str, Any], folder: Path, source: str) -> dict[str, Any]:
+    """``row`` with its ``image`` and ``mask`` (relative to ``folder`` in the run file ``source``) as paths,
+    each checked by :func:`~kka_synth.runs.run_file` to stay inside ``folder``."""
+    for key in ("image", "mask"):
+        value = row.get(key)
+        row[key] = None if value is None else str(run_file(folder, value, source))
+    return row
 
 
 def run(
